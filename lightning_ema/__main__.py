@@ -1,0 +1,64 @@
+"""Command line: ``python -m lightning_ema export CKPT OUT`` writes a checkpoint's EMA weights to a file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning_ema.checkpoint import ema_states, export_ema, load_checkpoint
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightning_ema", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser(
+        "export",
+        help="write the EMA weights of a Lightning checkpoint as a plain state dict",
+        description="Write the EMA weights of a Lightning checkpoint as a plain state dict that "
+        "`torch.load(OUT, weights_only=True)` reads and `model.load_state_dict` accepts "
+        "(safetensors when OUT ends in .safetensors).",
+    )
+    export.add_argument("checkpoint", help="Lightning checkpoint written with EMACallback")
+    export.add_argument("output", help="file to write (.safetensors or anything else for torch.save)")
+    export.add_argument("--state-key", help="which EMA, when the checkpoint holds several (see `list`)")
+    export.add_argument("--prefix", help="keep only names starting with PREFIX, and strip it (e.g. 'model.')")
+    export.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load the checkpoint with weights_only=False (only for files you trust)",
+    )
+    listing = commands.add_parser("list", help="list the EMA states a checkpoint holds")
+    listing.add_argument("checkpoint")
+    listing.add_argument("--unsafe-load", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            states = ema_states(load_checkpoint(args.checkpoint, weights_only=not args.unsafe_load))
+            for key, state in states.items():
+                print(f"{key}\tnum_updates={state.get('num_updates')}\ttensors={len(state.get('ema', {}))}")
+            if not states:
+                print("no EMA state in this checkpoint", file=sys.stderr)
+                return 1
+            return 0
+        weights = export_ema(
+            args.checkpoint,
+            args.output,
+            state_key=args.state_key,
+            prefix=args.prefix,
+            weights_only=not args.unsafe_load,
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(weights)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

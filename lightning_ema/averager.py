@@ -1,0 +1,449 @@
+"""The EMA state of one module: which tensors are averaged, where the averages live, and when they move.
+
+:class:`EMAAverager` knows nothing of Lightning. It selects tensors by ``state_dict`` name, keeps one EMA
+tensor per distinct weight, groups them by (device, dtype) so that an update is one multi-tensor kernel
+per group, decides from the optimizer-step count whether and with which decay to update, and exchanges
+EMA and raw weights for evaluation. Lists of tensors are built once when a module is bound; the update
+path only walks those lists.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ema import functional as F
+from lightning_ema._validate import (
+    check_choice,
+    check_int,
+    parse_device,
+    parse_dtype,
+    parse_patterns,
+)
+from lightning_ema.schedules import DecaySchedule, as_schedule
+
+__all__ = ["EMAAverager", "EMAStateError", "NonFiniteUpdateError"]
+
+BufferPolicy = Literal["average", "copy", "ignore"]
+NonFinitePolicy = Literal["error", "skip", "ignore"]
+_AVERAGE, _COPY = "average", "copy"
+
+
+class EMAStateError(ValueError):
+    """An EMA state does not fit the module it is loaded into; nothing was loaded."""
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """An update was refused because a weight holds NaN or infinity."""
+
+
+@dataclass
+class _Group:
+    """Tensors that one multi-tensor kernel can update: same devices, same dtypes, same treatment."""
+
+    kind: str
+    live: list[Tensor]
+    ema: list[Tensor]
+    names: list[str]
+    exchangeable: bool
+    staging: list[Tensor] | None = None
+    backup: list[Tensor] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class _Selected:
+    names: tuple[str, ...]
+    live: Tensor
+    kind: str
+
+
+class EMAAverager:
+    """EMA of selected ``state_dict`` tensors of a module, updated per optimizer step.
+
+    Args:
+        decay: a float in [0, 1) or a :class:`~lightning_ema.schedules.DecaySchedule`.
+        every_n_steps: update after every n-th optimizer step; an update covering n steps applies the
+            product of their decays.
+        start_step: the first ``start_step`` optimizer steps copy the weights instead of averaging them.
+        device: where the EMA lives; ``None`` keeps each average with its weight.
+        dtype: EMA dtype; ``None`` keeps float32/float64 and lifts float16/bfloat16 to float32.
+        buffers: ``"average"``, ``"copy"`` or ``"ignore"`` floating-point buffers; integer buffers are
+            copied unless ignored.
+        include: glob patterns over canonical ``state_dict`` names that are averaged (``None``: all).
+        exclude: glob patterns over canonical names that are left out.
+        nonfinite: what an update does when a weight is NaN or infinite: ``"error"`` raises
+            :class:`NonFiniteUpdateError`, ``"skip"`` warns and leaves the EMA as it was, ``"ignore"``
+            skips the check (one read of the weights less per update).
+
+    Raises:
+        ValueError: if an argument is invalid; the message names it and its value.
+    """
+
+    def __init__(
+        self,
+        decay: float | DecaySchedule = 0.9999,
+        *,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        buffers: BufferPolicy = "average",
+        include: list[str] | str | None = None,
+        exclude: list[str] | str | None = None,
+        nonfinite: NonFinitePolicy = "error",
+    ) -> None:
+        self.schedule = as_schedule(decay)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self.start_step = check_int("start_step", start_step, 0)
+        self.device = parse_device("device", device)
+        self.dtype = parse_dtype("dtype", dtype)
+        self.buffers = check_choice("buffers", buffers, ("average", "copy", "ignore"))
+        self.include = parse_patterns("include", include)
+        self.exclude = parse_patterns("exclude", exclude)
+        self.nonfinite = check_choice("nonfinite", nonfinite, ("error", "skip", "ignore"))
+        self.num_updates = 0
+        self.last_update_step = 0
+        self._groups: list[_Group] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        self._module: nn.Module | None = None
+        self._pending: dict[str, Any] | None = None
+        self._swap_depth = 0
+
+    # ------------------------------------------------------------------ binding
+    @property
+    def is_bound(self) -> bool:
+        """Whether EMA tensors exist for a module."""
+        return self._module is not None
+
+    @property
+    def has_pending_state(self) -> bool:
+        """Whether a loaded state waits for a module to be bound."""
+        return self._pending is not None
+
+    def bound_to(self, module: nn.Module) -> bool:
+        """Whether the EMA tracks exactly this module object."""
+        return self._module is module
+
+    def reset(self) -> None:
+        """Forget the EMA, any pending state and the counters; the next :meth:`bind` starts afresh."""
+        if self._swap_depth:
+            raise RuntimeError("Cannot reset the EMA while EMA weights are swapped in.")
+        self.num_updates = 0
+        self.last_update_step = 0
+        self._groups = []
+        self._where = {}
+        self._module = None
+        self._pending = None
+
+    def bind(self, module: nn.Module, step: int) -> None:
+        """Track ``module``'s selected tensors.
+
+        The EMA comes from, in this order: a state loaded with :meth:`load_state_dict` before binding; the
+        EMA of a previously bound module with the same names and shapes (rebinding keeps the averages); a
+        copy of the module's current tensors, taken as the EMA at optimizer step ``step``.
+
+        Raises:
+            EMAStateError: if a loaded or previous EMA does not match the module's names and shapes.
+        """
+        if self._swap_depth:
+            raise RuntimeError("Cannot bind a module while EMA weights are swapped in.")
+        selected = self._select(module)
+        if not selected:
+            raise EMAStateError(
+                "No tensors of the module are selected for the EMA. Check `include`, `exclude` and `buffers`; "
+                f"state_dict names start with {list(module.state_dict())[:5]!r}."
+            )
+        previous = self._ema_by_name() if self._module is not None else None
+        pending, self._pending = self._pending, None
+        source = pending["ema"] if pending is not None else previous
+        if source is not None:
+            source = _align_names(source, selected)
+        self._build_groups(selected, source)
+        self._module = module
+        if pending is not None:
+            self.num_updates = int(pending["num_updates"])
+            self.last_update_step = int(pending["last_update_step"])
+        elif previous is None:
+            self.num_updates = 0
+            self.last_update_step = step
+
+    def _select(self, module: nn.Module) -> list[_Selected]:
+        parameters = {id(p) for p in module.parameters()}
+        names_of: dict[int, list[str]] = {}
+        tensor_of: dict[int, Tensor] = {}
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if not isinstance(tensor, Tensor):
+                continue
+            if not F.is_selected(F.canonical_name(name), self.include, self.exclude):
+                continue
+            names_of.setdefault(id(tensor), []).append(name)
+            tensor_of[id(tensor)] = tensor
+        selected = []
+        for key, names in names_of.items():
+            tensor = tensor_of[key]
+            floating = tensor.is_floating_point()
+            if key in parameters:
+                kind = _AVERAGE if floating else _COPY
+            elif self.buffers == "ignore":
+                continue
+            else:
+                kind = _AVERAGE if floating and self.buffers == "average" else _COPY
+            selected.append(_Selected(tuple(names), tensor, kind))
+        return selected
+
+    def _build_groups(self, selected: list[_Selected], source: Mapping[str, Tensor] | None) -> None:
+        by_key: dict[tuple[Any, ...], _Group] = {}
+        index_of: dict[tuple[Any, ...], int] = {}
+        where: dict[str, tuple[int, int]] = {}
+        for item in selected:
+            live = item.live
+            if item.kind == _AVERAGE:
+                dtype = F.ema_dtype_for(live.dtype, self.dtype)
+            else:
+                dtype = live.dtype
+            device = self.device if self.device is not None else live.device
+            initial = source[item.names[0]] if source is not None else live.detach()
+            ema = torch.empty(live.shape, dtype=dtype, device=device)
+            with torch.no_grad():
+                ema.copy_(initial)
+            key = (item.kind, live.device, live.dtype, ema.device, ema.dtype)
+            group = by_key.get(key)
+            if group is None:
+                exchangeable = live.device == ema.device and live.dtype == ema.dtype
+                group = by_key[key] = _Group(item.kind, [], [], [], exchangeable)
+                index_of[key] = len(index_of)
+            position = len(group.live)
+            group.live.append(live)
+            group.ema.append(ema)
+            group.names.append(item.names[0])
+            for name in item.names:
+                where[name] = (index_of[key], position)
+        self._groups = list(by_key.values())
+        self._where = where
+        for group in self._groups:
+            if group.live and group.live[0].device != group.ema[0].device:
+                group.staging = [torch.empty_like(e, dtype=w.dtype) for e, w in zip(group.ema, group.live, strict=True)]
+
+    # ------------------------------------------------------------------ update
+    def update(self, step: int) -> float | None:
+        """Update the EMA for optimizer step ``step`` if an update is due.
+
+        An update is due when a multiple of ``every_n_steps`` lies in ``(last_update_step, step]``. Steps up
+        to ``start_step`` copy the weights; later ones average with the product of the per-step decays of
+        the steps the update covers, so the EMA's time constant in optimizer steps does not depend on
+        ``every_n_steps``.
+
+        Returns:
+            The schedule's decay at ``step`` (``0.0`` for a copy), or ``None`` if no update was due or it
+            was skipped for a non-finite weight.
+
+        Raises:
+            NonFiniteUpdateError: if ``nonfinite="error"`` and a weight is NaN or infinite.
+        """
+        n = self.every_n_steps
+        if step // n <= self.last_update_step // n:
+            return None
+        if self._swap_depth:
+            raise RuntimeError("Cannot update the EMA while EMA weights are swapped into the module.")
+        if step <= self.start_step:
+            for group in self._groups:
+                F.copy_(group.ema, group.live)
+            decay = 0.0
+        else:
+            first = max(self.last_update_step, self.start_step) + 1
+            weight = 1.0 - self.schedule.interval_decay(first, step)
+            if self.nonfinite != "ignore" and not self._all_finite(step):
+                return None
+            for group in self._groups:
+                live = group.live
+                if group.staging is not None:
+                    F.copy_(group.staging, live)
+                    live = group.staging
+                if group.kind == _AVERAGE:
+                    F.lerp_(group.ema, live, weight)
+                else:
+                    F.copy_(group.ema, live)
+            decay = self.schedule(step)
+        self.num_updates += 1
+        self.last_update_step = step
+        return decay
+
+    def _all_finite(self, step: int) -> bool:
+        flags = [F.nonfinite_mask(group.live) for group in self._groups if group.kind == _AVERAGE]
+        if not any(bool(flag.any()) for flag in flags):
+            return True
+        bad = [
+            name
+            for group, flag in zip((g for g in self._groups if g.kind == _AVERAGE), flags, strict=True)
+            for name, is_bad in zip(group.names, flag.tolist(), strict=True)
+            if is_bad
+        ]
+        message = f"Weights {bad} hold NaN or infinity at optimizer step {step}"
+        if self.nonfinite == "error":
+            raise NonFiniteUpdateError(
+                f"{message}; the EMA update was refused and the EMA keeps its last finite value. "
+                "Pass nonfinite='skip' to skip such updates with a warning instead."
+            )
+        warnings.warn(f"{message}; this EMA update is skipped.", RuntimeWarning, stacklevel=3)
+        return False
+
+    # ------------------------------------------------------------------ swapping
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the EMA is in the module in place of the raw weights."""
+        return self._swap_depth > 0
+
+    def swap_in(self) -> None:
+        """Put the EMA into the module; nested calls only count depth.
+
+        Groups whose EMA shares device and dtype with the weights exchange storage (no copy, no memory);
+        the others back the raw weights up first and copy the EMA in.
+        """
+        self._require_bound()
+        if self._swap_depth == 0:
+            copied = [group for group in self._groups if not group.exchangeable]
+            # Allocate every backup before touching the module, so a failure here changes nothing.
+            backups = [[w.detach().to(e.device, copy=True) for w, e in zip(g.live, g.ema, strict=True)] for g in copied]
+            for group, backup in zip(copied, backups, strict=True):
+                group.backup = backup
+                F.copy_(group.live, group.ema)
+            for group in self._groups:
+                if group.exchangeable:
+                    F.exchange_(group.live, group.ema)
+        self._swap_depth += 1
+
+    def swap_out(self, *, force: bool = False) -> None:
+        """Restore the raw weights bit-exactly (``force``: whatever the nesting depth)."""
+        if self._swap_depth == 0:
+            return
+        self._swap_depth = 0 if force else self._swap_depth - 1
+        if self._swap_depth:
+            return
+        for group in self._groups:
+            if group.exchangeable:
+                F.exchange_(group.live, group.ema)
+            elif group.backup is not None:
+                F.copy_(group.live, group.backup)
+                group.backup = None
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Context in which the module holds the EMA; the raw weights return on exit, also on an exception."""
+        self.swap_in()
+        try:
+            yield
+        finally:
+            self.swap_out()
+
+    def copy_to_module(self) -> None:
+        """Overwrite the module's selected tensors with the EMA (the raw weights are lost)."""
+        self._require_bound()
+        if self._swap_depth:
+            raise RuntimeError("Cannot copy the EMA into the module while it is swapped in.")
+        for group in self._groups:
+            F.copy_(group.live, group.ema)
+
+    # ------------------------------------------------------------------ state
+    def _require_bound(self) -> None:
+        if self._module is None:
+            raise RuntimeError("The EMA has not been created yet: it is created when training starts.")
+
+    def _ema_by_name(self) -> dict[str, Tensor]:
+        exchanged = self._swap_depth > 0
+        result = {}
+        for name, (g, i) in self._where.items():
+            group = self._groups[g]
+            tensor = group.live[i] if exchanged and group.exchangeable else group.ema[i]
+            result[name] = tensor.detach()
+        return result
+
+    def raw_by_name(self) -> dict[str, Tensor]:
+        """Return the raw values of the tracked tensors by name, wherever a swap has put them."""
+        result = {}
+        for name, (g, i) in self._where.items():
+            group = self._groups[g]
+            if self._swap_depth and group.exchangeable:
+                tensor = group.ema[i]
+            elif self._swap_depth and group.backup is not None:
+                tensor = group.backup[i]
+            else:
+                tensor = group.live[i]
+            result[name] = tensor.detach()
+        return result
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """Return the EMA tensors under the module's ``state_dict`` names (live references, not copies)."""
+        self._require_bound()
+        return self._ema_by_name()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return counters and EMA tensors: only plain values and tensors (``weights_only`` loadable)."""
+        if self._module is None and self._pending is not None:
+            return dict(self._pending)
+        self._require_bound()
+        return {
+            "num_updates": self.num_updates,
+            "last_update_step": self.last_update_step,
+            "ema": self._ema_by_name(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load counters and EMA tensors; applied at once if a module is bound, else when one is.
+
+        Raises:
+            EMAStateError: if the state is malformed, or if a module is bound and the state's names or shapes
+                do not match it. Nothing is loaded then.
+        """
+        missing = [key for key in ("num_updates", "last_update_step", "ema") if key not in state]
+        if missing or not isinstance(state["ema"], Mapping):
+            raise EMAStateError(f"The EMA state lacks {missing or ['ema']}; got keys {sorted(state)!r}.")
+        pending = {key: state[key] for key in ("num_updates", "last_update_step", "ema")}
+        if self._module is None:
+            self._pending = pending
+            return
+        if self._swap_depth:
+            raise RuntimeError("Cannot load an EMA state while EMA weights are swapped in.")
+        module, self._pending = self._module, pending
+        self._module = None
+        try:
+            self.bind(module, self.last_update_step)
+        except Exception:
+            self._module, self._pending = module, None
+            raise
+
+
+def _align_names(source: Mapping[str, Tensor], selected: list[_Selected]) -> Mapping[str, Tensor]:
+    """Return ``source`` keyed by the module's names, or raise listing every name or shape that differs.
+
+    Names that differ only by wrapper components (a checkpoint of a compiled module loaded into an
+    uncompiled one) are matched through their canonical form.
+    """
+    expected = {name: item.live.shape for item in selected for name in item.names}
+    if set(source) != set(expected):
+        by_canonical = {F.canonical_name(name): name for name in source}
+        renamed = {name: by_canonical.get(F.canonical_name(name)) for name in expected}
+        if None not in renamed.values() and len(source) == len(expected):
+            source = {name: source[old] for name, old in renamed.items() if old is not None}
+    missing = sorted(set(expected) - set(source))
+    unexpected = sorted(set(source) - set(expected))
+    mismatched = sorted(
+        f"{name}: EMA {tuple(source[name].shape)} vs model {tuple(shape)}"
+        for name, shape in expected.items()
+        if name in source and source[name].shape != shape
+    )
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing from the EMA: {missing}")
+        if unexpected:
+            problems.append(f"not in the model: {unexpected}")
+        if mismatched:
+            problems.append(f"shape differs: {mismatched}")
+        raise EMAStateError("The EMA state does not match the model, nothing was loaded; " + "; ".join(problems) + ".")
+    return source

@@ -1,0 +1,324 @@
+"""``EMACallback``: the Lightning hooks that drive an :class:`~lightning_ema.averager.EMAAverager`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_ema._validate import check_bool, check_choice
+from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
+from lightning_ema.checkpoint import FORMAT, VERSION, ema_states
+from lightning_ema.schedules import DecaySchedule
+
+__all__ = ["EMACallback"]
+
+
+class EMACallback(Callback):
+    """Keep an exponential moving average of the model's weights and evaluate with it.
+
+    After every optimizer step ``t`` (or every ``every_n_steps``-th), the EMA of each selected tensor moves
+    towards the weights: ``ema = decay_t * ema + (1 - decay_t) * w``. Validation, test and predict run
+    with the EMA swapped in (``evaluate="ema"``), and the raw weights come back bit-exactly afterwards,
+    also when an exception interrupts. The EMA and its counters are saved in the callback's entry of the
+    Lightning checkpoint, so ``trainer.fit(ckpt_path=...)`` continues it exactly, while
+    ``checkpoint["state_dict"]`` always holds the raw weights.
+
+    Args:
+        decay: a float in [0, 1) or a schedule from :mod:`lightning_ema.schedules`; the update after
+            optimizer step ``t`` uses ``decay(t)``.
+        every_n_steps: update after every n-th optimizer step (not batch). An update covering n steps
+            applies the product of their n decays, so the EMA's time constant does not depend on n.
+        start_step: the first ``start_step`` optimizer steps copy the weights into the EMA; averaging
+            starts with step ``start_step + 1``.
+        device: where the EMA lives: ``None`` keeps each average next to its weight, ``"cpu"`` offloads it.
+        dtype: the EMA's dtype. ``None`` keeps float32/float64 and keeps float16/bfloat16 weights' EMA in
+            float32 so that small updates are not rounded away. A ``torch.dtype`` or a string such as
+            ``"float32"``.
+        buffers: ``"average"`` floating-point buffers (integer buffers such as ``num_batches_tracked``
+            are copied), ``"copy"`` all buffers from the model at each update, or ``"ignore"`` them.
+        include: glob patterns over ``state_dict`` names that are averaged, e.g. ``["generator.*"]``;
+            names are matched without wrapper components (``module.``, ``_orig_mod.``,
+            ``_forward_module.``). ``None`` selects everything.
+        exclude: glob patterns over the same names that are left out.
+        evaluate: the weights that validation, test and predict use: ``"ema"`` or ``"raw"``.
+        apply_at_end: copy the EMA into the model when ``fit`` ends (the raw weights are then gone).
+        nonfinite: an update meeting a NaN or infinite weight raises (``"error"``), is skipped with a
+            warning (``"skip"``), or is not checked at all (``"ignore"``: saves one read of the weights).
+
+    Raises:
+        ValueError: if an argument is invalid; the message names the argument and its value.
+
+    Example::
+
+        trainer = Trainer(callbacks=[EMACallback(decay=0.9999)])
+        trainer.fit(model)
+        ema_weights = trainer.callbacks[0].ema_state_dict()
+    """
+
+    def __init__(
+        self,
+        decay: float | DecaySchedule = 0.9999,
+        *,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        buffers: BufferPolicy = "average",
+        include: list[str] | str | None = None,
+        exclude: list[str] | str | None = None,
+        evaluate: str = "ema",
+        apply_at_end: bool = False,
+        nonfinite: NonFinitePolicy = "error",
+    ) -> None:
+        self._averager = EMAAverager(
+            decay,
+            every_n_steps=every_n_steps,
+            start_step=start_step,
+            device=device,
+            dtype=dtype,
+            buffers=buffers,
+            include=include,
+            exclude=exclude,
+            nonfinite=nonfinite,
+        )
+        self.evaluate = check_choice("evaluate", evaluate, ("ema", "raw"))
+        self.apply_at_end = check_bool("apply_at_end", apply_at_end)
+        self._log_key = "ema/decay"
+        self._restart_from_weights = False
+        self._swapped_for_stage = False
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def schedule(self) -> DecaySchedule:
+        """The decay schedule (a float ``decay`` becomes a ``ConstantDecay``)."""
+        return self._averager.schedule
+
+    @property
+    def num_updates(self) -> int:
+        """How many times the EMA was updated (copies during ``start_step`` included)."""
+        return self._averager.num_updates
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """Return the EMA tensors under the LightningModule's ``state_dict`` names.
+
+        The tensors are the live averages, not copies: clone them to keep a snapshot. Tensors the EMA
+        does not track (``include``/``exclude``, ``buffers="ignore"``) are absent.
+
+        Raises:
+            RuntimeError: if no EMA exists yet (it is created when ``fit`` starts).
+        """
+        return self._averager.ema_state_dict()
+
+    @contextmanager
+    def swapped(self, pl_module: pl.LightningModule) -> Iterator[pl.LightningModule]:
+        """Context in which ``pl_module`` holds the EMA weights; the raw weights return on exit.
+
+        The raw weights come back bit-exactly, also when the block raises. Checkpoints written by
+        ``trainer.save_checkpoint`` inside the block still store the raw weights in ``"state_dict"``
+        (except with ``weights_only=True``, where Lightning runs no callback hook).
+
+        Raises:
+            RuntimeError: if no EMA of ``pl_module`` exists yet.
+        """
+        if not self._averager.bound_to(pl_module):
+            raise RuntimeError(
+                "This EMACallback holds no EMA of the given module: the EMA is created when `fit` starts, "
+                "for the LightningModule that the Trainer runs."
+            )
+        with self._averager.swapped():
+            yield pl_module
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            decay=repr(self._averager.schedule), include=self._averager.include, exclude=self._averager.exclude
+        )
+
+    def _config(self) -> dict[str, Any]:
+        averager = self._averager
+        return {
+            "decay": repr(averager.schedule),
+            "every_n_steps": averager.every_n_steps,
+            "start_step": averager.start_step,
+            "device": None if averager.device is None else str(averager.device),
+            "dtype": None if averager.dtype is None else str(averager.dtype),
+            "buffers": averager.buffers,
+            "include": None if averager.include is None else list(averager.include),
+            "exclude": None if averager.exclude is None else list(averager.exclude),
+        }
+
+    # ------------------------------------------------------------------ binding
+    def _ensure_bound(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        averager = self._averager
+        restarting = self._restart_from_weights
+        if restarting:
+            self._restart_from_weights = False
+            averager.reset()
+        if averager.bound_to(pl_module):
+            return
+        fresh = not averager.is_bound and not averager.has_pending_state
+        if fresh and not restarting and trainer.state.fn != "fit":
+            rank_zero_warn(
+                f"EMACallback has no EMA for this {trainer.state.fn} run (no `fit` ran with it and no checkpoint"
+                " with an EMA was loaded), so the EMA starts as a copy of the current weights and evaluating"
+                " with it equals evaluating the raw weights. Pass the `ckpt_path` of a checkpoint written with"
+                " EMACallback to evaluate its EMA.",
+                category=UserWarning,
+            )
+        averager.bind(pl_module, trainer.global_step)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Name the decay metric after this callback's place among the EMA callbacks if there are several."""
+        siblings = _ema_callbacks(trainer)
+        if len(siblings) > 1:
+            self._log_key = f"ema/decay/{siblings.index(self)}"
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Create the EMA from the model (or from the checkpoint being resumed) before the first step."""
+        self._ensure_bound(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Update the EMA if an optimizer step due for an update happened in this batch, and log the decay."""
+        decay = self._averager.update(trainer.global_step)
+        if decay is not None:
+            pl_module.log(self._log_key, decay, on_step=True, on_epoch=False, batch_size=1)
+
+    def _begin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_bound(trainer, pl_module)
+        if self.evaluate == "ema" and not self._swapped_for_stage:
+            self._averager.swap_in()
+            self._swapped_for_stage = True
+
+    def _end_evaluation(self) -> None:
+        if self._swapped_for_stage:
+            self._swapped_for_stage = False
+            self._averager.swap_out()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap the EMA in for validation (sanity check included) when ``evaluate="ema"``."""
+        self._begin_evaluation(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap the raw weights back before checkpoint callbacks run."""
+        self._end_evaluation()
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap the EMA in for testing when ``evaluate="ema"``."""
+        self._begin_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap the raw weights back."""
+        self._end_evaluation()
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap the EMA in for prediction when ``evaluate="ema"``."""
+        self._begin_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap the raw weights back."""
+        self._end_evaluation()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Put the raw weights back, whatever was swapped in, before any checkpoint is written."""
+        self._swapped_for_stage = False
+        self._averager.swap_out(force=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Copy the EMA into the model if ``apply_at_end``."""
+        if self.apply_at_end and self._averager.is_bound:
+            self._averager.copy_to_module()
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Keep the raw weights in ``checkpoint["state_dict"]`` even if the EMA is swapped in right now."""
+        if not self._averager.is_swapped:
+            return
+        state_dict = checkpoint.get("state_dict")
+        if state_dict is None:
+            return
+        for name, raw in self._averager.raw_by_name().items():
+            if name in state_dict:
+                state_dict[name] = raw
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Return the EMA, its counters and a configuration fingerprint (tensors and plain values only)."""
+        if not self._averager.is_bound and not self._averager.has_pending_state:
+            return {}
+        return {"format": FORMAT, "version": VERSION, "config": self._config(), **self._averager.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a saved EMA; it is checked against the model's names and shapes when it is applied."""
+        if state_dict.get("format") != FORMAT:
+            raise ValueError(f"The state is not an EMACallback state: keys {sorted(state_dict)!r}.")
+        version = state_dict.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise ValueError(
+                f"The EMA state has format version {version!r}; this lightning-ema reads versions up to {VERSION}."
+                " Upgrade lightning-ema to load it."
+            )
+        saved = state_dict.get("config", {})
+        changed = {key: (saved.get(key), value) for key, value in self._config().items() if saved.get(key) != value}
+        if changed:
+            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            rank_zero_warn(
+                f"Resuming an EMA saved with a different configuration ({details}); the saved EMA continues"
+                " with the new settings.",
+                category=UserWarning,
+            )
+        self._restart_from_weights = False
+        self._averager.load_state_dict(state_dict)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find this callback's EMA in the checkpoint, or restart the EMA from the loaded weights with a warning."""
+        states = ema_states(checkpoint)
+        if self.state_key in states:
+            return  # Lightning passes it to `load_state_dict` next.
+        siblings = _ema_callbacks(trainer)
+        if len(states) == 1 and len(siblings) == 1:
+            self.load_state_dict(dict(next(iter(states.values()))))
+            return
+        if states:
+            detail = f"it holds EMA states for other settings only: {sorted(states)!r}"
+        else:
+            detail = "it holds no EMA state"
+        rank_zero_warn(
+            f"The checkpoint being loaded has no EMA for {self.state_key} ({detail}); the EMA starts from the"
+            " loaded weights.",
+            category=UserWarning,
+        )
+        self._restart_from_weights = True
+
+
+def _ema_callbacks(trainer: pl.Trainer) -> list[EMACallback]:
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    return [callback for callback in callbacks if isinstance(callback, EMACallback)]
