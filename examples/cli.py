@@ -1,13 +1,12 @@
 """LightningCLI entry point for the digits example: everything, EMACallback included, comes from YAML.
 
-    python examples/cli.py fit --config examples/config.yaml
+python examples/cli.py fit --config examples/config.yaml
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
-
 from digits import DigitsClassifier, DigitsDataModule
+from lightning.pytorch.cli import LightningCLI
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

@@ -73,7 +73,7 @@ def snapshot(module: nn.Module) -> dict[str, Tensor]:
 
 
 class WeightRecorder(L.Callback):
-    """Records the raw state_dict after every optimizer step: ``steps[i]`` is the global step, ``states[i]`` the weights.
+    """Records the raw state_dict after each optimizer step: ``steps[i]`` is the step, ``states[i]`` the weights.
 
     Put it BEFORE the EMACallback in the callback list, so it sees the weights before anything else runs.
     """
@@ -113,7 +113,7 @@ def reference_ema(
     names = names if names is not None else [n for n, t in initial.items() if t.is_floating_point()]
     ema = {name: initial[name].double().clone() for name in names}
     last = initial_step
-    for step, state in zip(steps, states):
+    for step, state in zip(steps, states, strict=True):
         if step % every_n_steps:
             continue
         if step <= start_step:

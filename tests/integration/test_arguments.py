@@ -51,7 +51,13 @@ def test_bad_argument_names_argument_and_value(name: str, value: object) -> None
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("dtype", "float32"), ("dtype", "torch.bfloat16"), ("dtype", torch.float64), ("device", "cpu"), ("include", "net.*")],
+    [
+        ("dtype", "float32"),
+        ("dtype", "torch.bfloat16"),
+        ("dtype", torch.float64),
+        ("device", "cpu"),
+        ("include", "net.*"),
+    ],
 )
 def test_good_spellings_are_accepted(name: str, value: object) -> None:
     EMACallback(**{name: value})  # type: ignore[arg-type]

@@ -136,9 +136,7 @@ def test_nonfinite_weight_is_skipped_with_a_warning_when_asked() -> None:
                 bias.copy_(torch.nan_to_num(bias, nan=0.0))
 
     callback = EMACallback(decay=0.7, nonfinite="skip")
-    trainer = L.Trainer(
-        callbacks=[Heal(), PoisonWeights(5), callback], max_epochs=1, **trainer_kwargs()
-    )
+    trainer = L.Trainer(callbacks=[Heal(), PoisonWeights(5), callback], max_epochs=1, **trainer_kwargs())
     with pytest.warns(RuntimeWarning, match=r"net\.3\.bias.*step 5.*skipped"):
         trainer.fit(TinyClassifier(), make_loader())
     assert callback.num_updates == 7

@@ -109,9 +109,7 @@ def test_validation_sees_ema_and_training_resumes_with_bit_exact_raw_weights() -
     check = RawWeightsCheck()
     recorder = WeightRecorder()
     model = TinyClassifier()
-    trainer = L.Trainer(
-        callbacks=[recorder, check, callback], max_epochs=3, **trainer_kwargs(val_check_interval=4)
-    )
+    trainer = L.Trainer(callbacks=[recorder, check, callback], max_epochs=3, **trainer_kwargs(val_check_interval=4))
     trainer.fit(model, make_loader(), make_loader(n=16))
     # validation after steps 4, 8, 12, ... (twice per epoch), the last one of the run has no training after it
     assert len(model.seen_in["validate"]) == 6
@@ -161,7 +159,7 @@ def test_evaluate_raw_leaves_the_raw_weights_in_place() -> None:
 
 def test_apply_at_end_copies_the_ema_into_the_model() -> None:
     callback = EMACallback(decay=0.7, apply_at_end=True)
-    trainer, model, recorder = fit(callback, max_epochs=2)
+    _, model, recorder = fit(callback, max_epochs=2)
     expected = reference_ema(recorder.initial, recorder.steps, recorder.states, constant_decay(0.7))
     assert_close_to_reference(snapshot(model), expected)
     assert not torch.equal(model.net[0].weight, recorder.states[-1]["net.0.weight"])

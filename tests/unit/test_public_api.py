@@ -1,0 +1,40 @@
+"""The public surface is pinned: adding or removing a name is a deliberate change."""
+
+import lightning_ema
+import lightning_ema.schedules
+
+
+def test_top_level_names() -> None:
+    assert lightning_ema.__all__ == sorted(lightning_ema.__all__)
+    assert set(lightning_ema.__all__) == {
+        "EMAAverager",
+        "EMACallback",
+        "EMAStateError",
+        "NonFiniteUpdateError",
+        "__version__",
+        "export_ema",
+        "load_ema_state_dict",
+    }
+    for name in lightning_ema.__all__:
+        assert hasattr(lightning_ema, name), name
+
+
+def test_schedule_names() -> None:
+    assert lightning_ema.schedules.__all__ == sorted(lightning_ema.schedules.__all__)
+    assert set(lightning_ema.schedules.__all__) == {
+        "ConfigValue",
+        "ConstantDecay",
+        "CosineDecay",
+        "DecaySchedule",
+        "ExponentialRampDecay",
+        "HalfLifeDecay",
+        "KarrasDecay",
+        "PowerDecay",
+        "WarmupDecay",
+        "as_schedule",
+    }
+
+
+def test_errors_are_value_errors_where_they_report_bad_input() -> None:
+    assert issubclass(lightning_ema.EMAStateError, ValueError)
+    assert issubclass(lightning_ema.NonFiniteUpdateError, FloatingPointError)
