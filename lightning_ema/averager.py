@@ -48,12 +48,15 @@ class _Group:
     """Tensors that one multi-tensor kernel can update: same devices, same dtypes, same treatment."""
 
     kind: str
+    buffer: bool
     live: list[Tensor]
     ema: list[Tensor]
     names: list[str]
     exchangeable: bool
     staging: list[Tensor] | None = None
     backup: list[Tensor] | None = field(default=None, repr=False)
+    # The tensors of a bound `target` module, which are the EMA; a swap leaves stand-ins in `ema`.
+    target: list[Tensor] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class _Selected:
     names: tuple[str, ...]
     live: Tensor
     kind: str
+    buffer: bool
 
 
 class EMAAverager:
@@ -112,6 +116,7 @@ class EMAAverager:
         self._groups: list[_Group] = []
         self._where: dict[str, tuple[int, int]] = {}
         self._module: nn.Module | None = None
+        self._target: nn.Module | None = None
         self._pending: dict[str, Any] | None = None
         self._swap_depth = 0
 
@@ -139,20 +144,33 @@ class EMAAverager:
         self._groups = []
         self._where = {}
         self._module = None
+        self._target = None
         self._pending = None
 
-    def bind(self, module: nn.Module, step: int) -> None:
+    def bind(self, module: nn.Module, step: int, *, target: nn.Module | None = None) -> None:
         """Track ``module``'s selected tensors.
 
         The EMA comes from, in this order: a state loaded with :meth:`load_state_dict` before binding; the
         EMA of a previously bound module with the same names and shapes (rebinding keeps the averages); a
         copy of the module's current tensors, taken as the EMA at optimizer step ``step``.
 
+        With ``target``, the EMA tensors are not allocated: they are ``target``'s tensors of the same
+        ``state_dict`` names (a mean teacher of ``module``), updated in place and used as they are, with their
+        devices and dtypes. Their current values are the EMA, unless a loaded state waits, which is copied
+        into them. While swapped in, ``module`` shares the target's storage and the target keeps its values.
+
         Raises:
-            EMAStateError: if a loaded or previous EMA does not match the module's names and shapes.
+            EMAStateError: if a loaded or previous EMA, or ``target``, does not match the module's names and
+                shapes.
+            ValueError: if ``target`` is ``module`` itself, or is combined with a ``device`` or ``dtype``.
         """
         if self._swap_depth:
             raise RuntimeError("Cannot bind a module while EMA weights are swapped in.")
+        if target is not None and (target is module or self.device is not None or self.dtype is not None):
+            raise ValueError(
+                "`target` must be a module other than the tracked one and holds the EMA with its own devices and "
+                f"dtypes, got target={type(target).__name__} with device={self.device!r}, dtype={self.dtype!r}."
+            )
         selected = self._select(module)
         if not selected:
             raise EMAStateError(
@@ -162,10 +180,15 @@ class EMAAverager:
         previous = self._ema_by_name() if self._module is not None else None
         pending, self._pending = self._pending, None
         source = pending["ema"] if pending is not None else previous
+        targets = None
+        if target is not None:
+            targets = _align_names(_target_tensors(target, selected), selected)
+            source = pending["ema"] if pending is not None else None  # the target holds the EMA
         if source is not None:
             source = _align_names(source, selected)
-        self._build_groups(selected, source)
+        self._build_groups(selected, source, targets)
         self._module = module
+        self._target = target
         if pending is not None:
             self.num_updates = int(pending["num_updates"])
             self.last_update_step = int(pending["last_update_step"])
@@ -194,10 +217,15 @@ class EMAAverager:
                 continue
             else:
                 kind = _AVERAGE if floating and self.buffers == "average" else _COPY
-            selected.append(_Selected(tuple(names), tensor, kind))
+            selected.append(_Selected(tuple(names), tensor, kind, key not in parameters))
         return selected
 
-    def _build_groups(self, selected: list[_Selected], source: Mapping[str, Tensor] | None) -> None:
+    def _build_groups(
+        self,
+        selected: list[_Selected],
+        source: Mapping[str, Tensor] | None,
+        targets: Mapping[str, Tensor] | None = None,
+    ) -> None:
         by_key: dict[tuple[Any, ...], _Group] = {}
         index_of: dict[tuple[Any, ...], int] = {}
         where: dict[str, tuple[int, int]] = {}
@@ -208,15 +236,21 @@ class EMAAverager:
             else:
                 dtype = live.dtype
             device = self.device if self.device is not None else live.device
-            initial = source[item.names[0]] if source is not None else live.detach()
-            ema = torch.empty(live.shape, dtype=dtype, device=device)
-            with torch.no_grad():
-                ema.copy_(initial)
-            key = (item.kind, live.device, live.dtype, ema.device, ema.dtype)
+            if targets is not None:
+                ema = targets[item.names[0]]
+                if source is not None:
+                    with torch.no_grad():
+                        ema.copy_(source[item.names[0]])
+            else:
+                initial = source[item.names[0]] if source is not None else live.detach()
+                ema = torch.empty(live.shape, dtype=dtype, device=device)
+                with torch.no_grad():
+                    ema.copy_(initial)
+            key = (item.kind, item.buffer, live.device, live.dtype, ema.device, ema.dtype)
             group = by_key.get(key)
             if group is None:
                 exchangeable = live.device == ema.device and live.dtype == ema.dtype
-                group = by_key[key] = _Group(item.kind, [], [], [], exchangeable)
+                group = by_key[key] = _Group(item.kind, item.buffer, [], [], [], exchangeable)
                 index_of[key] = len(index_of)
             position = len(group.live)
             group.live.append(live)
@@ -226,6 +260,9 @@ class EMAAverager:
                 where[name] = (index_of[key], position)
         self._groups = list(by_key.values())
         self._where = where
+        if targets is not None:
+            for group in self._groups:
+                group.target = list(group.ema)
         for group in self._groups:
             if group.live and group.live[0].device != group.ema[0].device:
                 group.staging = [torch.empty_like(e, dtype=w.dtype) for e, w in zip(group.ema, group.live, strict=True)]
@@ -328,6 +365,8 @@ class EMAAverager:
         for group in self._groups:
             if group.exchangeable:
                 F.exchange_(group.live, group.ema)
+                if group.target is not None:
+                    group.ema[:] = group.target  # the target's own tensors again, not views of its storage
             elif group.backup is not None:
                 F.copy_(group.live, group.backup)
                 group.backup = None
@@ -377,6 +416,16 @@ class EMAAverager:
             result[name] = tensor.detach()
         return result
 
+    def buffer_ema(self) -> list[Tensor]:
+        """Return the EMA tensors of the tracked buffers, wherever a swap has put them (for in-place syncing)."""
+        exchanged = self._swap_depth > 0
+        return [
+            tensor
+            for group in self._groups
+            if group.buffer
+            for tensor in (group.live if exchanged and group.exchangeable else group.ema)
+        ]
+
     def ema_state_dict(self) -> dict[str, Tensor]:
         """Return the EMA tensors under the module's ``state_dict`` names (live references, not copies)."""
         self._require_bound()
@@ -412,10 +461,20 @@ class EMAAverager:
         module, self._pending = self._module, pending
         self._module = None
         try:
-            self.bind(module, self.last_update_step)
+            self.bind(module, self.last_update_step, target=self._target)
         except Exception:
             self._module, self._pending = module, None
             raise
+
+
+def _target_tensors(target: nn.Module, selected: list[_Selected]) -> dict[str, Tensor]:
+    """Return ``target``'s ``state_dict`` tensors (the objects, not copies) of the names that are selected."""
+    wanted = {F.canonical_name(name) for item in selected for name in item.names}
+    return {
+        name: tensor
+        for name, tensor in target.state_dict(keep_vars=True).items()
+        if isinstance(tensor, Tensor) and F.canonical_name(name) in wanted
+    }
 
 
 def _align_names(source: Mapping[str, Tensor], selected: list[_Selected]) -> Mapping[str, Tensor]:

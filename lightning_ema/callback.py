@@ -179,7 +179,8 @@ class EMACallback(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Name the decay metric after this callback's place among the EMA callbacks if there are several."""
+        """Refuse strategies whose parameters the EMA cannot follow; name the decay metric if there are several."""
+        _refuse_unsupported_strategy(trainer.strategy)
         siblings = _ema_callbacks(trainer)
         if len(siblings) > 1:
             self._log_key = f"ema/decay/{siblings.index(self)}"
@@ -200,6 +201,7 @@ class EMACallback(Callback):
 
     def _begin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure_bound(trainer, pl_module)
+        self._take_rank_zero_buffers(trainer)
         if self.evaluate == "ema" and not self._swapped_for_stage:
             self._averager.swap_in()
             self._swapped_for_stage = True
@@ -244,6 +246,30 @@ class EMACallback(Callback):
         """Put the raw weights back, whatever was swapped in, before any checkpoint is written."""
         self._swapped_for_stage = False
         self._averager.swap_out(force=True)
+
+    def _take_rank_zero_buffers(self, trainer: pl.Trainer) -> None:
+        """Make every rank hold rank 0's buffer EMA (one broadcast per dtype; never on the update path).
+
+        Under DDP the weights agree across ranks after each step but BatchNorm statistics do not: each rank
+        updates them from its own batch, and DDP only broadcasts rank 0's at the start of the next forward. So
+        rank 0's buffers are the model's, and its buffer EMA is the one every rank should evaluate with.
+        """
+        if trainer.world_size < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        tensors = self._averager.buffer_ema()
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for tensor in tensors:
+            by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+        for group in by_kind.values():
+            flat = torch.cat([tensor.reshape(-1) for tensor in group])
+            torch.distributed.broadcast(flat, src=0)
+            chunks = torch.split(flat, [tensor.numel() for tensor in group])
+            torch._foreach_copy_(group, [chunk.view_as(tensor) for chunk, tensor in zip(chunks, group, strict=True)])
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give every rank rank 0's buffer EMA, so that what follows training (export, test) agrees across ranks."""
+        self._take_rank_zero_buffers(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,6 +343,23 @@ class EMACallback(Callback):
             category=UserWarning,
         )
         self._restart_from_weights = True
+
+
+def _refuse_unsupported_strategy(strategy: object) -> None:
+    """Raise for strategies that hide or re-partition parameters behind the module's back.
+
+    FSDP1 flattens parameters into shards that change between forward and backward, and DeepSpeed ZeRO
+    partitions them inside its engine; an EMA of the module's ``state_dict`` tensors would average the wrong
+    thing. Neither runs on CPU, so neither can be tested here: refusing is better than being silently wrong.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise ValueError(
+            f"EMACallback does not support `strategy={type(strategy).__name__}`: the EMA would not follow its "
+            "flattened or partitioned parameters. Use `ModelParallelStrategy` with `fully_shard` in "
+            "`configure_model` (FSDP2) or a DDP strategy instead."
+        )
 
 
 def _ema_callbacks(trainer: pl.Trainer) -> list[EMACallback]:

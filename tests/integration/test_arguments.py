@@ -80,3 +80,18 @@ def test_include_that_selects_nothing_fails_when_training_starts() -> None:
 
     with pytest.raises(EMAStateError, match="include"):
         trainer.fit(TinyClassifier(), make_loader())
+
+
+@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_untestable_sharding_strategies_are_refused_with_the_alternative(strategy_name: str) -> None:
+    import types
+
+    from lightning.pytorch import strategies
+
+    # Neither strategy runs on CPU, so the Trainer is a stand-in holding an instance of the real class.
+    strategy_class = getattr(strategies, strategy_name)
+    strategy = strategy_class.__new__(strategy_class)
+    callback = EMACallback()
+    trainer = types.SimpleNamespace(strategy=strategy, callbacks=[callback])
+    with pytest.raises(ValueError, match=rf"strategy={strategy_name}.*ModelParallelStrategy.*DDP"):
+        callback.setup(trainer, TinyClassifier(), "fit")  # type: ignore[arg-type]
