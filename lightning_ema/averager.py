@@ -53,6 +53,8 @@ class _Group:
     ema: list[Tensor]
     names: list[str]
     exchangeable: bool
+    checked: list[Tensor] = field(default_factory=list)
+    checked_names: list[str] = field(default_factory=list)
     staging: list[Tensor] | None = None
     backup: list[Tensor] | None = field(default=None, repr=False)
     # The tensors of a bound `target` module, which are the EMA; a swap leaves stand-ins in `ema`.
@@ -264,6 +266,10 @@ class EMAAverager:
             for group in self._groups:
                 group.target = list(group.ema)
         for group in self._groups:
+            # Every floating tensor entering the EMA is checked; empty ones have no maximum to take.
+            floating = [(t, n) for t, n in zip(group.live, group.names, strict=True) if t.is_floating_point()]
+            group.checked = [t for t, _ in floating if t.numel()]
+            group.checked_names = [n for t, n in floating if t.numel()]
             if group.live and group.live[0].device != group.ema[0].device:
                 group.staging = [torch.empty_like(e, dtype=w.dtype) for e, w in zip(group.ema, group.live, strict=True)]
 
@@ -288,6 +294,8 @@ class EMAAverager:
             return None
         if self._swap_depth:
             raise RuntimeError("Cannot update the EMA while EMA weights are swapped into the module.")
+        if self.nonfinite != "ignore" and not self._all_finite(step):
+            return None
         if step <= self.start_step:
             for group in self._groups:
                 F.copy_(group.ema, group.live)
@@ -295,8 +303,6 @@ class EMAAverager:
         else:
             first = max(self.last_update_step, self.start_step) + 1
             weight = 1.0 - self.schedule.interval_decay(first, step)
-            if self.nonfinite != "ignore" and not self._all_finite(step):
-                return None
             for group in self._groups:
                 live = group.live
                 if group.staging is not None:
@@ -312,13 +318,14 @@ class EMAAverager:
         return decay
 
     def _all_finite(self, step: int) -> bool:
-        flags = [F.nonfinite_mask(group.live) for group in self._groups if group.kind == _AVERAGE]
+        checked = [group for group in self._groups if group.checked]
+        flags = [F.nonfinite_mask(group.checked) for group in checked]
         if not any(bool(flag.any()) for flag in flags):
             return True
         bad = [
             name
-            for group, flag in zip((g for g in self._groups if g.kind == _AVERAGE), flags, strict=True)
-            for name, is_bad in zip(group.names, flag.tolist(), strict=True)
+            for group, flag in zip(checked, flags, strict=True)
+            for name, is_bad in zip(group.checked_names, flag.tolist(), strict=True)
             if is_bad
         ]
         message = f"Weights {bad} hold NaN or infinity at optimizer step {step}"
@@ -452,6 +459,13 @@ class EMAAverager:
         missing = [key for key in ("num_updates", "last_update_step", "ema") if key not in state]
         if missing or not isinstance(state["ema"], Mapping):
             raise EMAStateError(f"The EMA state lacks {missing or ['ema']}; got keys {sorted(state)!r}.")
+        for key in ("num_updates", "last_update_step"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise EMAStateError(f"The EMA state's `{key}` must be an integer >= 0, got {value!r}.")
+        not_tensors = sorted(str(name) for name, value in state["ema"].items() if not isinstance(value, Tensor))
+        if not_tensors:
+            raise EMAStateError(f"The EMA state's values must be tensors; these are not: {not_tensors}.")
         pending = {key: state[key] for key in ("num_updates", "last_update_step", "ema")}
         if self._module is None:
             self._pending = pending

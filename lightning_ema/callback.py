@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_ema._validate import check_bool, check_choice
 from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
 from lightning_ema.checkpoint import FORMAT, VERSION, ema_states
+from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
 from lightning_ema.schedules import DecaySchedule
 
 __all__ = ["EMACallback"]
@@ -48,7 +49,11 @@ class EMACallback(Callback):
             names are matched without wrapper components (``module.``, ``_orig_mod.``,
             ``_forward_module.``). ``None`` selects everything.
         exclude: glob patterns over the same names that are left out.
-        evaluate: the weights that validation, test and predict use: ``"ema"`` or ``"raw"``.
+        evaluate: the weights that validation, test and predict use: ``"ema"``, ``"raw"``, or ``"both"``:
+            validation and test run each batch with the raw weights (metrics under their own names) and again
+            with the EMA (metrics logged with ``suffix``), each with its own torchmetrics state; predict uses
+            the EMA. ``ModelCheckpoint``/``EarlyStopping`` can monitor either name.
+        suffix: appended to the names logged by the EMA pass when ``evaluate="both"``.
         apply_at_end: copy the EMA into the model when ``fit`` ends (the raw weights are then gone).
         nonfinite: an update meeting a NaN or infinite weight raises (``"error"``), is skipped with a
             warning (``"skip"``), or is not checked at all (``"ignore"``: saves one read of the weights).
@@ -77,6 +82,7 @@ class EMACallback(Callback):
         evaluate: str = "ema",
         apply_at_end: bool = False,
         nonfinite: NonFinitePolicy = "error",
+        suffix: str = "_ema",
     ) -> None:
         self._averager = EMAAverager(
             decay,
@@ -89,8 +95,12 @@ class EMACallback(Callback):
             exclude=exclude,
             nonfinite=nonfinite,
         )
-        self.evaluate = check_choice("evaluate", evaluate, ("ema", "raw"))
+        self.evaluate = check_choice("evaluate", evaluate, ("ema", "raw", "both"))
         self.apply_at_end = check_bool("apply_at_end", apply_at_end)
+        if not isinstance(suffix, str) or not suffix:
+            raise ValueError(f"`suffix` must be a non-empty string such as '_ema', got {suffix!r}.")
+        self.suffix = suffix
+        self._multi_pass: MultiPassEvaluation | None = None
         self._log_key = "ema/decay"
         self._restart_from_weights = False
         self._swapped_for_stage = False
@@ -182,6 +192,13 @@ class EMACallback(Callback):
         """Refuse strategies whose parameters the EMA cannot follow; name the decay metric if there are several."""
         _refuse_unsupported_strategy(trainer.strategy)
         siblings = _ema_callbacks(trainer)
+        swapping = [callback for callback in siblings if callback.evaluate != "raw"]
+        if len(swapping) > 1:
+            raise ValueError(
+                f"{len(swapping)} EMACallbacks would each put their EMA into the model for evaluation "
+                f"(evaluate={[callback.evaluate for callback in swapping]!r}); their swaps cannot nest. Set "
+                "`evaluate='raw'` on all but one of them."
+            )
         if len(siblings) > 1:
             self._log_key = f"ema/decay/{siblings.index(self)}"
 
@@ -199,22 +216,31 @@ class EMACallback(Callback):
         if decay is not None:
             pl_module.log(self._log_key, decay, on_step=True, on_epoch=False, batch_size=1)
 
-    def _begin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _begin_evaluation(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_name: str | None = None
+    ) -> None:
         self._ensure_bound(trainer, pl_module)
         self._take_rank_zero_buffers(trainer)
-        if self.evaluate == "ema" and not self._swapped_for_stage:
+        if self.evaluate == "both" and step_name is not None:
+            passes = [EvaluationPass("", nullcontext), EvaluationPass(self.suffix, self._averager.swapped)]
+            self._multi_pass = MultiPassEvaluation(pl_module, step_name, passes)
+            self._multi_pass.install()
+        elif self.evaluate != "raw" and not self._swapped_for_stage:
             self._averager.swap_in()
             self._swapped_for_stage = True
 
     def _end_evaluation(self) -> None:
+        if self._multi_pass is not None:
+            self._multi_pass.uninstall()
+            self._multi_pass = None
         if self._swapped_for_stage:
             self._swapped_for_stage = False
             self._averager.swap_out()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Swap the EMA in for validation (sanity check included) when ``evaluate="ema"``."""
-        self._begin_evaluation(trainer, pl_module)
+        """Swap the EMA in for validation (sanity check included), or validate raw and EMA if ``"both"``."""
+        self._begin_evaluation(trainer, pl_module, "validation_step")
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -223,8 +249,8 @@ class EMACallback(Callback):
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Swap the EMA in for testing when ``evaluate="ema"``."""
-        self._begin_evaluation(trainer, pl_module)
+        """Swap the EMA in for testing, or test raw and EMA if ``evaluate="both"``."""
+        self._begin_evaluation(trainer, pl_module, "test_step")
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -233,7 +259,7 @@ class EMACallback(Callback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Swap the EMA in for prediction when ``evaluate="ema"``."""
+        """Swap the EMA in for prediction unless ``evaluate="raw"``."""
         self._begin_evaluation(trainer, pl_module)
 
     @override
@@ -244,6 +270,9 @@ class EMACallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Put the raw weights back, whatever was swapped in, before any checkpoint is written."""
+        if self._multi_pass is not None:
+            self._multi_pass.uninstall()
+            self._multi_pass = None
         self._swapped_for_stage = False
         self._averager.swap_out(force=True)
 

@@ -30,7 +30,8 @@ WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "_forward_module."
 def canonical_name(name: str) -> str:
     """Return a ``state_dict`` name without wrapper path components.
 
-    ``module.`` is removed only where it leads the name (DDP wraps the whole model, and a user may well
+    ``module.`` is removed only where it leads the name (once the others are gone, so a compiled DDP model's
+    ``_orig_mod.module.`` goes too) (DDP wraps the whole model, and a user may well
     name a submodule ``module``); ``_orig_mod.`` and ``_forward_module.`` are removed wherever they occur,
     since ``torch.compile`` and Fabric can wrap any submodule.
 
@@ -39,10 +40,12 @@ def canonical_name(name: str) -> str:
         'net.fc.weight'
         >>> canonical_name("encoder.module.weight")
         'encoder.module.weight'
+        >>> canonical_name("_orig_mod.module.fc.weight")
+        'fc.weight'
     """
-    while name.startswith("module."):
-        name = name[len("module.") :]
     parts = [part for part in name.split(".") if part not in ("_orig_mod", "_forward_module")]
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
     return ".".join(parts)
 
 
@@ -112,6 +115,8 @@ def copy_(destination: list[Tensor], source: list[Tensor]) -> None:
 @torch.no_grad()
 def nonfinite_mask(tensors: list[Tensor]) -> Tensor:
     """Return a boolean tensor that is ``True`` for each tensor holding a NaN or an infinity.
+
+    The tensors must not be empty (an empty tensor has no maximum); callers leave those out.
 
     The largest absolute value is NaN or infinite exactly when the tensor holds one; unlike a 2-norm it
     cannot overflow for large finite values. The result stays on the tensors' device (no host sync).

@@ -188,7 +188,7 @@ def test_decay_is_logged_through_the_logger(tmp_path) -> None:
 
 
 def test_several_callbacks_log_under_distinct_names() -> None:
-    first, second = EMACallback(decay=0.9), EMACallback(decay=0.99)
+    first, second = EMACallback(decay=0.9), EMACallback(decay=0.99, evaluate="raw")
     trainer = L.Trainer(callbacks=[first, second], max_epochs=1, **trainer_kwargs())
     trainer.fit(TinyClassifier(), make_loader())
     assert trainer.callback_metrics["ema/decay/0"].item() == pytest.approx(0.9)
@@ -217,3 +217,9 @@ def test_bf16_weights_with_decay_0_9999_still_move_the_ema() -> None:
     moved_in_float32 = (ema["net.0.weight"] != initial["net.0.weight"].float()).float().mean().item()
     assert stuck_in_bf16 > 0.8
     assert moved_in_float32 > 0.95
+
+
+def test_several_callbacks_that_would_swap_are_refused() -> None:
+    trainer = L.Trainer(callbacks=[EMACallback(decay=0.9), EMACallback(decay=0.99)], max_epochs=1, **trainer_kwargs())
+    with pytest.raises(ValueError, match="evaluate='raw'"):
+        trainer.fit(TinyClassifier(), make_loader())
