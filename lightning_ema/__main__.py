@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lightning_ema.checkpoint import ema_states, export_ema, load_checkpoint
+from lightning_ema.checkpoint import decays_of, ema_states, emas_of, export_ema, load_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="Lightning checkpoint written with EMACallback")
     export.add_argument("output", help="file to write (.safetensors or anything else for torch.save)")
     export.add_argument("--state-key", help="which EMA, when the checkpoint holds several (see `list`)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--index", type=int, help="which EMA of a callback with several decays, by position")
+    which.add_argument("--decay", type=float, help="which EMA of a callback with several decays, by value")
     export.add_argument("--prefix", help="keep only names starting with PREFIX, and strip it (e.g. 'model.')")
     export.add_argument(
         "--unsafe-load",
@@ -41,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             states = ema_states(load_checkpoint(args.checkpoint, weights_only=not args.unsafe_load))
             for key, state in states.items():
-                print(f"{key}\tnum_updates={state.get('num_updates')}\ttensors={len(state.get('ema', {}))}")
+                for index, (decay, ema) in enumerate(zip(decays_of(state), emas_of(state), strict=True)):
+                    print(f"{key}\tindex={index}\t{decay}\tnum_updates={state.get('num_updates')}\ttensors={len(ema)}")
             if not states:
                 print("no EMA state in this checkpoint", file=sys.stderr)
                 return 1
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoint,
             args.output,
             state_key=args.state_key,
+            index=args.index,
+            decay=args.decay,
             prefix=args.prefix,
             weights_only=not args.unsafe_load,
         )

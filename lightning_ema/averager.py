@@ -10,7 +10,7 @@ path only walks those lists.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,11 +28,23 @@ from lightning_ema._validate import (
 )
 from lightning_ema.schedules import DecaySchedule, as_schedule
 
-__all__ = ["EMAAverager", "EMAStateError", "NonFiniteUpdateError"]
+__all__ = ["EMAAverager", "EMAStateError", "NonFiniteUpdateError", "as_schedules"]
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 NonFinitePolicy = Literal["error", "skip", "ignore"]
 _AVERAGE, _COPY = "average", "copy"
+
+
+def as_schedules(decay: Any, name: str = "decay") -> tuple[DecaySchedule, ...]:
+    """Return one schedule per EMA from a float, a schedule, or a non-empty list of distinct ones."""
+    if isinstance(decay, (list, tuple)):
+        if not decay:
+            raise ValueError(f"`{name}` must be a float, a schedule or a non-empty list of them, got {decay!r}.")
+        schedules = tuple(as_schedule(item, name) for item in decay)
+        if len({repr(schedule) for schedule in schedules}) != len(schedules):
+            raise ValueError(f"`{name}` must list distinct decays, got {decay!r}.")
+        return schedules
+    return (as_schedule(decay, name),)
 
 
 class EMAStateError(ValueError):
@@ -50,14 +62,14 @@ class _Group:
     kind: str
     buffer: bool
     live: list[Tensor]
-    ema: list[Tensor]
+    emas: list[list[Tensor]]  # one list per decay, paired with `live` by position
     names: list[str]
     exchangeable: bool
     checked: list[Tensor] = field(default_factory=list)
     checked_names: list[str] = field(default_factory=list)
     staging: list[Tensor] | None = None
     backup: list[Tensor] | None = field(default=None, repr=False)
-    # The tensors of a bound `target` module, which are the EMA; a swap leaves stand-ins in `ema`.
+    # The tensors of a bound `target` module, which are the EMA; a swap leaves stand-ins in `emas[0]`.
     target: list[Tensor] | None = field(default=None, repr=False)
 
 
@@ -73,7 +85,8 @@ class EMAAverager:
     """EMA of selected ``state_dict`` tensors of a module, updated per optimizer step.
 
     Args:
-        decay: a float in [0, 1) or a :class:`~lightning_ema.schedules.DecaySchedule`.
+        decay: a float in [0, 1), a :class:`~lightning_ema.schedules.DecaySchedule`, or a list of them: one
+            EMA per decay, all updated in the same pass over the weights.
         every_n_steps: update after every n-th optimizer step; an update covering n steps applies the
             product of their decays.
         start_step: the first ``start_step`` optimizer steps copy the weights instead of averaging them.
@@ -93,7 +106,7 @@ class EMAAverager:
 
     def __init__(
         self,
-        decay: float | DecaySchedule = 0.9999,
+        decay: float | DecaySchedule | Sequence[float | DecaySchedule] = 0.9999,
         *,
         every_n_steps: int = 1,
         start_step: int = 0,
@@ -104,7 +117,9 @@ class EMAAverager:
         exclude: list[str] | str | None = None,
         nonfinite: NonFinitePolicy = "error",
     ) -> None:
-        self.schedule = as_schedule(decay)
+        self.schedules = as_schedules(decay)
+        #: The decay of each EMA at the last update (``0.0`` for a copy).
+        self.last_decays: tuple[float, ...] = ()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         self.start_step = check_int("start_step", start_step, 0)
         self.device = parse_device("device", device)
@@ -121,6 +136,17 @@ class EMAAverager:
         self._target: nn.Module | None = None
         self._pending: dict[str, Any] | None = None
         self._swap_depth = 0
+        self._swap_index = 0
+
+    @property
+    def schedule(self) -> DecaySchedule:
+        """The schedule of the first (often the only) EMA."""
+        return self.schedules[0]
+
+    @property
+    def num_emas(self) -> int:
+        """How many EMAs are kept, one per decay."""
+        return len(self.schedules)
 
     # ------------------------------------------------------------------ binding
     @property
@@ -168,10 +194,13 @@ class EMAAverager:
         """
         if self._swap_depth:
             raise RuntimeError("Cannot bind a module while EMA weights are swapped in.")
-        if target is not None and (target is module or self.device is not None or self.dtype is not None):
+        if target is not None and (
+            target is module or self.device is not None or self.dtype is not None or self.num_emas > 1
+        ):
             raise ValueError(
-                "`target` must be a module other than the tracked one and holds the EMA with its own devices and "
-                f"dtypes, got target={type(target).__name__} with device={self.device!r}, dtype={self.dtype!r}."
+                "`target` must be a module other than the tracked one and holds the one EMA with its own devices "
+                f"and dtypes, got target={type(target).__name__} with device={self.device!r}, "
+                f"dtype={self.dtype!r} and {self.num_emas} decays."
             )
         selected = self._select(module)
         if not selected:
@@ -179,16 +208,18 @@ class EMAAverager:
                 "No tensors of the module are selected for the EMA. Check `include`, `exclude` and `buffers`; "
                 f"state_dict names start with {list(module.state_dict())[:5]!r}."
             )
-        previous = self._ema_by_name() if self._module is not None else None
+        previous: list[Mapping[str, Tensor]] | None = None
+        if self._module is not None:
+            previous = [self._ema_by_name(k) for k in range(self.num_emas)]
         pending, self._pending = self._pending, None
-        source = pending["ema"] if pending is not None else previous
+        sources = pending["emas"] if pending is not None else previous
         targets = None
         if target is not None:
             targets = _align_names(_target_tensors(target, selected), selected)
-            source = pending["ema"] if pending is not None else None  # the target holds the EMA
-        if source is not None:
-            source = _align_names(source, selected)
-        self._build_groups(selected, source, targets)
+            sources = pending["emas"] if pending is not None else None  # the target holds the EMA
+        if sources is not None:
+            sources = [_align_names(source, selected) for source in sources]
+        self._build_groups(selected, sources, targets)
         self._module = module
         self._target = target
         if pending is not None:
@@ -225,7 +256,7 @@ class EMAAverager:
     def _build_groups(
         self,
         selected: list[_Selected],
-        source: Mapping[str, Tensor] | None,
+        sources: list[Mapping[str, Tensor]] | None,
         targets: Mapping[str, Tensor] | None = None,
     ) -> None:
         by_key: dict[tuple[Any, ...], _Group] = {}
@@ -238,25 +269,31 @@ class EMAAverager:
             else:
                 dtype = live.dtype
             device = self.device if self.device is not None else live.device
-            if targets is not None:
-                ema = targets[item.names[0]]
-                if source is not None:
+            emas = []
+            for k in range(self.num_emas):
+                initial = sources[k][item.names[0]] if sources is not None else live.detach()
+                if targets is not None:
+                    ema = targets[item.names[0]]
+                    if sources is None:
+                        initial = ema  # the target's values are the EMA
+                else:
+                    ema = torch.empty(live.shape, dtype=dtype, device=device)
+                if initial is not ema:
                     with torch.no_grad():
-                        ema.copy_(source[item.names[0]])
-            else:
-                initial = source[item.names[0]] if source is not None else live.detach()
-                ema = torch.empty(live.shape, dtype=dtype, device=device)
-                with torch.no_grad():
-                    ema.copy_(initial)
-            key = (item.kind, item.buffer, live.device, live.dtype, ema.device, ema.dtype)
+                        ema.copy_(initial)
+                emas.append(ema)
+            key = (item.kind, item.buffer, live.device, live.dtype, emas[0].device, emas[0].dtype)
             group = by_key.get(key)
             if group is None:
-                exchangeable = live.device == ema.device and live.dtype == ema.dtype
-                group = by_key[key] = _Group(item.kind, item.buffer, [], [], [], exchangeable)
+                exchangeable = live.device == emas[0].device and live.dtype == emas[0].dtype
+                group = by_key[key] = _Group(
+                    item.kind, item.buffer, [], [[] for _ in range(self.num_emas)], [], exchangeable
+                )
                 index_of[key] = len(index_of)
             position = len(group.live)
             group.live.append(live)
-            group.ema.append(ema)
+            for k, ema in enumerate(emas):
+                group.emas[k].append(ema)
             group.names.append(item.names[0])
             for name in item.names:
                 where[name] = (index_of[key], position)
@@ -264,14 +301,16 @@ class EMAAverager:
         self._where = where
         if targets is not None:
             for group in self._groups:
-                group.target = list(group.ema)
+                group.target = list(group.emas[0])
         for group in self._groups:
             # Every floating tensor entering the EMA is checked; empty ones have no maximum to take.
             floating = [(t, n) for t, n in zip(group.live, group.names, strict=True) if t.is_floating_point()]
             group.checked = [t for t, _ in floating if t.numel()]
             group.checked_names = [n for t, n in floating if t.numel()]
-            if group.live and group.live[0].device != group.ema[0].device:
-                group.staging = [torch.empty_like(e, dtype=w.dtype) for e, w in zip(group.ema, group.live, strict=True)]
+            if group.live and group.live[0].device != group.emas[0][0].device:
+                group.staging = [
+                    torch.empty_like(e, dtype=w.dtype) for e, w in zip(group.emas[0], group.live, strict=True)
+                ]
 
     # ------------------------------------------------------------------ update
     def update(self, step: int) -> float | None:
@@ -282,9 +321,12 @@ class EMAAverager:
         the steps the update covers, so the EMA's time constant in optimizer steps does not depend on
         ``every_n_steps``.
 
+        With several decays, each EMA moves with its own decay in the same pass over the groups; the
+        decays of all of them are in :attr:`last_decays` afterwards.
+
         Returns:
-            The schedule's decay at ``step`` (``0.0`` for a copy), or ``None`` if no update was due or it
-            was skipped for a non-finite weight.
+            The (first) schedule's decay at ``step`` (``0.0`` for a copy), or ``None`` if no update was due
+            or it was skipped for a non-finite weight.
 
         Raises:
             NonFiniteUpdateError: if ``nonfinite="error"`` and a weight is NaN or infinite.
@@ -298,24 +340,45 @@ class EMAAverager:
             return None
         if step <= self.start_step:
             for group in self._groups:
-                F.copy_(group.ema, group.live)
-            decay = 0.0
+                for ema in group.emas:
+                    F.copy_(ema, group.live)
+            self.last_decays = (0.0,) * self.num_emas
         else:
             first = max(self.last_update_step, self.start_step) + 1
-            weight = 1.0 - self.schedule.interval_decay(first, step)
+            weights = [1.0 - schedule.interval_decay(first, step) for schedule in self.schedules]
             for group in self._groups:
                 live = group.live
                 if group.staging is not None:
                     F.copy_(group.staging, live)
                     live = group.staging
-                if group.kind == _AVERAGE:
-                    F.lerp_(group.ema, live, weight)
-                else:
-                    F.copy_(group.ema, live)
-            decay = self.schedule(step)
+                for ema, weight in zip(group.emas, weights, strict=True):
+                    if group.kind == _AVERAGE:
+                        F.lerp_(ema, live, weight)
+                    else:
+                        F.copy_(ema, live)
+            self.last_decays = tuple(schedule(step) for schedule in self.schedules)
         self.num_updates += 1
         self.last_update_step = step
-        return decay
+        return self.last_decays[0]
+
+    def relative_distances(self) -> list[Tensor]:
+        """Return ``||ema - w|| / ||w||`` over the averaged tensors, one 0-d tensor per EMA, without a host sync.
+
+        The result stays on the device of the first group (pass it to ``self.log`` as it is). It allocates
+        temporaries, so call it every few hundred steps, not every step.
+        """
+        self._require_bound()
+        groups = [group for group in self._groups if group.kind == _AVERAGE and group.checked]
+        if not groups:
+            return []
+        home = groups[0].emas[0][0].device
+        weight_norms = [F.squared_norm(group.live).to(home) for group in groups]
+        denominator = torch.stack(weight_norms).sum().clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        distances = []
+        for k in range(self.num_emas):
+            squared = [F.squared_distance(group.emas[k], group.live).to(home) for group in groups]
+            distances.append(torch.stack(squared).sum().sqrt() / denominator)
+        return distances
 
     def _all_finite(self, step: int) -> bool:
         checked = [group for group in self._groups if group.checked]
@@ -343,24 +406,35 @@ class EMAAverager:
         """Whether the EMA is in the module in place of the raw weights."""
         return self._swap_depth > 0
 
-    def swap_in(self) -> None:
-        """Put the EMA into the module; nested calls only count depth.
+    def swap_in(self, index: int = 0) -> None:
+        """Put EMA number ``index`` into the module; nested calls (of the same index) only count depth.
 
         Groups whose EMA shares device and dtype with the weights exchange storage (no copy, no memory);
         the others back the raw weights up first and copy the EMA in.
         """
         self._require_bound()
+        index = self._check_index(index)
+        if self._swap_depth and index != self._swap_index:
+            raise RuntimeError(f"EMA {self._swap_index} is swapped in; swap it out before swapping in EMA {index}.")
         if self._swap_depth == 0:
             copied = [group for group in self._groups if not group.exchangeable]
             # Allocate every backup before touching the module, so a failure here changes nothing.
-            backups = [[w.detach().to(e.device, copy=True) for w, e in zip(g.live, g.ema, strict=True)] for g in copied]
+            backups = [
+                [w.detach().to(e.device, copy=True) for w, e in zip(g.live, g.emas[index], strict=True)] for g in copied
+            ]
             for group, backup in zip(copied, backups, strict=True):
                 group.backup = backup
-                F.copy_(group.live, group.ema)
+                F.copy_(group.live, group.emas[index])
             for group in self._groups:
                 if group.exchangeable:
-                    F.exchange_(group.live, group.ema)
+                    F.exchange_(group.live, group.emas[index])
+            self._swap_index = index
         self._swap_depth += 1
+
+    def _check_index(self, index: int) -> int:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_emas:
+            raise ValueError(f"`index` must be an integer in [0, {self.num_emas}), got {index!r}.")
+        return index
 
     def swap_out(self, *, force: bool = False) -> None:
         """Restore the raw weights bit-exactly (``force``: whatever the nesting depth)."""
@@ -371,41 +445,42 @@ class EMAAverager:
             return
         for group in self._groups:
             if group.exchangeable:
-                F.exchange_(group.live, group.ema)
+                F.exchange_(group.live, group.emas[self._swap_index])
                 if group.target is not None:
-                    group.ema[:] = group.target  # the target's own tensors again, not views of its storage
+                    group.emas[0][:] = group.target  # the target's own tensors again, not views of its storage
             elif group.backup is not None:
                 F.copy_(group.live, group.backup)
                 group.backup = None
 
     @contextmanager
-    def swapped(self) -> Iterator[None]:
-        """Context in which the module holds the EMA; the raw weights return on exit, also on an exception."""
-        self.swap_in()
+    def swapped(self, index: int = 0) -> Iterator[None]:
+        """Context in which the module holds EMA ``index``; the raw weights return on exit, also on an exception."""
+        self.swap_in(index)
         try:
             yield
         finally:
             self.swap_out()
 
-    def copy_to_module(self) -> None:
-        """Overwrite the module's selected tensors with the EMA (the raw weights are lost)."""
+    def copy_to_module(self, index: int = 0) -> None:
+        """Overwrite the module's selected tensors with EMA ``index`` (the raw weights are lost)."""
         self._require_bound()
+        index = self._check_index(index)
         if self._swap_depth:
             raise RuntimeError("Cannot copy the EMA into the module while it is swapped in.")
         for group in self._groups:
-            F.copy_(group.live, group.ema)
+            F.copy_(group.live, group.emas[index])
 
     # ------------------------------------------------------------------ state
     def _require_bound(self) -> None:
         if self._module is None:
             raise RuntimeError("The EMA has not been created yet: it is created when training starts.")
 
-    def _ema_by_name(self) -> dict[str, Tensor]:
-        exchanged = self._swap_depth > 0
+    def _ema_by_name(self, index: int = 0) -> dict[str, Tensor]:
+        exchanged = self._swap_depth > 0 and index == self._swap_index
         result = {}
         for name, (g, i) in self._where.items():
             group = self._groups[g]
-            tensor = group.live[i] if exchanged and group.exchangeable else group.ema[i]
+            tensor = group.live[i] if exchanged and group.exchangeable else group.emas[index][i]
             result[name] = tensor.detach()
         return result
 
@@ -415,7 +490,7 @@ class EMAAverager:
         for name, (g, i) in self._where.items():
             group = self._groups[g]
             if self._swap_depth and group.exchangeable:
-                tensor = group.ema[i]
+                tensor = group.emas[self._swap_index][i]
             elif self._swap_depth and group.backup is not None:
                 tensor = group.backup[i]
             else:
@@ -425,18 +500,17 @@ class EMAAverager:
 
     def buffer_ema(self) -> list[Tensor]:
         """Return the EMA tensors of the tracked buffers, wherever a swap has put them (for in-place syncing)."""
-        exchanged = self._swap_depth > 0
-        return [
-            tensor
-            for group in self._groups
-            if group.buffer
-            for tensor in (group.live if exchanged and group.exchangeable else group.ema)
-        ]
+        result = []
+        for group in (group for group in self._groups if group.buffer):
+            for k, emas in enumerate(group.emas):
+                exchanged = self._swap_depth > 0 and k == self._swap_index and group.exchangeable
+                result.extend(group.live if exchanged else emas)
+        return result
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
-        """Return the EMA tensors under the module's ``state_dict`` names (live references, not copies)."""
+    def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
+        """Return EMA ``index`` under the module's ``state_dict`` names (live references, not copies)."""
         self._require_bound()
-        return self._ema_by_name()
+        return self._ema_by_name(self._check_index(index))
 
     def state_dict(self) -> dict[str, Any]:
         """Return counters and EMA tensors: only plain values and tensors (``weights_only`` loadable)."""
@@ -446,27 +520,40 @@ class EMAAverager:
         return {
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
-            "ema": self._ema_by_name(),
+            "emas": [self._ema_by_name(k) for k in range(self.num_emas)],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load counters and EMA tensors; applied at once if a module is bound, else when one is.
 
+        The state holds ``"emas"``, a list with one mapping per decay, or ``"ema"``, the mapping of a single
+        EMA (the layout before several decays existed).
+
         Raises:
-            EMAStateError: if the state is malformed, or if a module is bound and the state's names or shapes
-                do not match it. Nothing is loaded then.
+            EMAStateError: if the state is malformed, holds another number of EMAs than there are decays, or if
+                a module is bound and the state's names or shapes do not match it. Nothing is loaded then.
         """
-        missing = [key for key in ("num_updates", "last_update_step", "ema") if key not in state]
-        if missing or not isinstance(state["ema"], Mapping):
-            raise EMAStateError(f"The EMA state lacks {missing or ['ema']}; got keys {sorted(state)!r}.")
+        emas = state.get("emas", [state["ema"]] if "ema" in state else None)
+        missing = [key for key in ("num_updates", "last_update_step") if key not in state]
+        if emas is None:
+            missing.append("emas")
+        if missing or not isinstance(emas, Sequence) or not all(isinstance(ema, Mapping) for ema in emas):
+            raise EMAStateError(f"The EMA state lacks {missing or ['emas']}; got keys {sorted(state)!r}.")
         for key in ("num_updates", "last_update_step"):
             value = state[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise EMAStateError(f"The EMA state's `{key}` must be an integer >= 0, got {value!r}.")
-        not_tensors = sorted(str(name) for name, value in state["ema"].items() if not isinstance(value, Tensor))
+        if len(emas) != self.num_emas:
+            raise EMAStateError(
+                f"The EMA state holds {len(emas)} EMAs but {self.num_emas} decays are configured "
+                f"({[repr(schedule) for schedule in self.schedules]}); nothing was loaded."
+            )
+        not_tensors = sorted(
+            {str(name) for ema in emas for name, value in ema.items() if not isinstance(value, Tensor)}
+        )
         if not_tensors:
             raise EMAStateError(f"The EMA state's values must be tensors; these are not: {not_tensors}.")
-        pending = {key: state[key] for key in ("num_updates", "last_update_step", "ema")}
+        pending = {"num_updates": state["num_updates"], "last_update_step": state["last_update_step"], "emas": emas}
         if self._module is None:
             self._pending = pending
             return

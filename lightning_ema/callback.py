@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,11 +14,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ema._validate import check_bool, check_choice
+from lightning_ema._validate import check_bool, check_choice, check_int
 from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
 from lightning_ema.checkpoint import FORMAT, VERSION, ema_states
 from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
-from lightning_ema.schedules import DecaySchedule
+from lightning_ema.schedules import ConstantDecay, DecaySchedule
 
 __all__ = ["EMACallback"]
 
@@ -34,7 +35,8 @@ class EMACallback(Callback):
 
     Args:
         decay: a float in [0, 1) or a schedule from :mod:`lightning_ema.schedules`; the update after
-            optimizer step ``t`` uses ``decay(t)``.
+            optimizer step ``t`` uses ``decay(t)``. A list keeps one EMA per decay, all updated in one pass
+            over the weights, each evaluated and logged under its own suffix (``_ema0.999``).
         every_n_steps: update after every n-th optimizer step (not batch). An update covering n steps
             applies the product of their n decays, so the EMA's time constant does not depend on n.
         start_step: the first ``start_step`` optimizer steps copy the weights into the EMA; averaging
@@ -53,7 +55,12 @@ class EMACallback(Callback):
             validation and test run each batch with the raw weights (metrics under their own names) and again
             with the EMA (metrics logged with ``suffix``), each with its own torchmetrics state; predict uses
             the EMA. ``ModelCheckpoint``/``EarlyStopping`` can monitor either name.
-        suffix: appended to the names logged by the EMA pass when ``evaluate="both"``.
+        suffix: appended to the names logged by an EMA pass when several passes run (``evaluate="both"`` or
+            several decays); with several decays each EMA's suffix ends with its decay (``_ema0.999``) or, for
+            schedules other than a constant, its position (``_ema1``).
+        distance_every_n_steps: every this many optimizer steps, log ``ema/distance``, the relative distance
+            ``||ema - w|| / ||w||`` over the averaged tensors (computed on the device, no host sync; one
+            tensor's worth of temporary memory). ``0`` turns it off.
         apply_at_end: copy the EMA into the model when ``fit`` ends (the raw weights are then gone).
         nonfinite: an update meeting a NaN or infinite weight raises (``"error"``), is skipped with a
             warning (``"skip"``), or is not checked at all (``"ignore"``: saves one read of the weights).
@@ -70,7 +77,7 @@ class EMACallback(Callback):
 
     def __init__(
         self,
-        decay: float | DecaySchedule = 0.9999,
+        decay: float | DecaySchedule | Sequence[float | DecaySchedule] = 0.9999,
         *,
         every_n_steps: int = 1,
         start_step: int = 0,
@@ -83,6 +90,7 @@ class EMACallback(Callback):
         apply_at_end: bool = False,
         nonfinite: NonFinitePolicy = "error",
         suffix: str = "_ema",
+        distance_every_n_steps: int = 100,
     ) -> None:
         self._averager = EMAAverager(
             decay,
@@ -100,36 +108,65 @@ class EMACallback(Callback):
         if not isinstance(suffix, str) or not suffix:
             raise ValueError(f"`suffix` must be a non-empty string such as '_ema', got {suffix!r}.")
         self.suffix = suffix
+        self.distance_every_n_steps = check_int("distance_every_n_steps", distance_every_n_steps, 0)
         self._multi_pass: MultiPassEvaluation | None = None
-        self._log_key = "ema/decay"
+        self._log_tags = self._tags_for(position=None)
         self._restart_from_weights = False
         self._swapped_for_stage = False
 
     # ------------------------------------------------------------------ public state
     @property
     def schedule(self) -> DecaySchedule:
-        """The decay schedule (a float ``decay`` becomes a ``ConstantDecay``)."""
+        """The decay schedule (a float ``decay`` becomes a ``ConstantDecay``); the first one if several."""
         return self._averager.schedule
+
+    @property
+    def schedules(self) -> tuple[DecaySchedule, ...]:
+        """One schedule per EMA, in the order ``decay`` gave them."""
+        return self._averager.schedules
+
+    @property
+    def _several(self) -> bool:
+        return self._averager.num_emas > 1
+
+    def _tags_for(self, position: int | None) -> list[str]:
+        """Log-key tags, one per EMA: ``ema/decay``, ``ema/decay/0.999``, ``ema/decay/1`` or ``ema/decay/1/0.999``.
+
+        ``position`` is this callback's place among several EMA callbacks of the Trainer (``None`` if alone).
+        """
+        prefix = "" if position is None else f"/{position}"
+        if not self._several:
+            return [prefix]
+        return [f"{prefix}/{_label(schedule, index)}" for index, schedule in enumerate(self.schedules)]
+
+    def suffixes(self) -> list[str]:
+        """The log-name suffix of each EMA's evaluation pass (``["_ema"]`` for a single decay)."""
+        if not self._several:
+            return [self.suffix]
+        return [self.suffix + _label(schedule, index) for index, schedule in enumerate(self.schedules)]
 
     @property
     def num_updates(self) -> int:
         """How many times the EMA was updated (copies during ``start_step`` included)."""
         return self._averager.num_updates
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
+    def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Return the EMA tensors under the LightningModule's ``state_dict`` names.
 
         The tensors are the live averages, not copies: clone them to keep a snapshot. Tensors the EMA
         does not track (``include``/``exclude``, ``buffers="ignore"``) are absent.
 
+        Args:
+            index: which EMA, by position in ``decay``, when there are several.
+
         Raises:
             RuntimeError: if no EMA exists yet (it is created when ``fit`` starts).
         """
-        return self._averager.ema_state_dict()
+        return self._averager.ema_state_dict(index)
 
     @contextmanager
-    def swapped(self, pl_module: pl.LightningModule) -> Iterator[pl.LightningModule]:
-        """Context in which ``pl_module`` holds the EMA weights; the raw weights return on exit.
+    def swapped(self, pl_module: pl.LightningModule, index: int = 0) -> Iterator[pl.LightningModule]:
+        """Context in which ``pl_module`` holds the EMA weights (EMA ``index``); the raw weights return on exit.
 
         The raw weights come back bit-exactly, also when the block raises. Checkpoints written by
         ``trainer.save_checkpoint`` inside the block still store the raw weights in ``"state_dict"``
@@ -143,20 +180,24 @@ class EMACallback(Callback):
                 "This EMACallback holds no EMA of the given module: the EMA is created when `fit` starts, "
                 "for the LightningModule that the Trainer runs."
             )
-        with self._averager.swapped():
+        with self._averager.swapped(index):
             yield pl_module
 
     @property
     @override
     def state_key(self) -> str:
+        decays = [repr(schedule) for schedule in self.schedules]
         return self._generate_state_key(
-            decay=repr(self._averager.schedule), include=self._averager.include, exclude=self._averager.exclude
+            # a single decay keeps the key it had before several decays existed, so old checkpoints match
+            decay=decays if self._several else decays[0],
+            include=self._averager.include,
+            exclude=self._averager.exclude,
         )
 
     def _config(self) -> dict[str, Any]:
         averager = self._averager
         return {
-            "decay": repr(averager.schedule),
+            "decays": [repr(schedule) for schedule in averager.schedules],
             "every_n_steps": averager.every_n_steps,
             "start_step": averager.start_step,
             "device": None if averager.device is None else str(averager.device),
@@ -199,8 +240,7 @@ class EMACallback(Callback):
                 f"(evaluate={[callback.evaluate for callback in swapping]!r}); their swaps cannot nest. Set "
                 "`evaluate='raw'` on all but one of them."
             )
-        if len(siblings) > 1:
-            self._log_key = f"ema/decay/{siblings.index(self)}"
+        self._log_tags = self._tags_for(siblings.index(self) if len(siblings) > 1 else None)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,17 +252,26 @@ class EMACallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Update the EMA if an optimizer step due for an update happened in this batch, and log the decay."""
-        decay = self._averager.update(trainer.global_step)
-        if decay is not None:
-            pl_module.log(self._log_key, decay, on_step=True, on_epoch=False, batch_size=1)
+        averager = self._averager
+        if averager.update(trainer.global_step) is None:
+            return
+        for tag, decay in zip(self._log_tags, averager.last_decays, strict=True):
+            pl_module.log(f"ema/decay{tag}", decay, on_step=True, on_epoch=False, batch_size=1)
+        every = self.distance_every_n_steps
+        if every and trainer.global_step // every > (trainer.global_step - averager.every_n_steps) // every:
+            for tag, distance in zip(self._log_tags, averager.relative_distances(), strict=True):
+                pl_module.log(f"ema/distance{tag}", distance, on_step=True, on_epoch=False, batch_size=1)
 
     def _begin_evaluation(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_name: str | None = None
     ) -> None:
         self._ensure_bound(trainer, pl_module)
         self._take_rank_zero_buffers(trainer)
-        if self.evaluate == "both" and step_name is not None:
-            passes = [EvaluationPass("", nullcontext), EvaluationPass(self.suffix, self._averager.swapped)]
+        several_passes = self.evaluate == "both" or (self.evaluate == "ema" and self._several)
+        if several_passes and step_name is not None:
+            passes = [EvaluationPass("", nullcontext)] if self.evaluate == "both" else []
+            for index, suffix in enumerate(self.suffixes()):
+                passes.append(EvaluationPass(suffix, partial(self._averager.swapped, index)))
             self._multi_pass = MultiPassEvaluation(pl_module, step_name, passes)
             self._multi_pass.install()
         elif self.evaluate != "raw" and not self._swapped_for_stage:
@@ -333,12 +382,14 @@ class EMACallback(Callback):
         if state_dict.get("format") != FORMAT:
             raise ValueError(f"The state is not an EMACallback state: keys {sorted(state_dict)!r}.")
         version = state_dict.get("version")
-        if not isinstance(version, int) or version > VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version > VERSION:
             raise ValueError(
                 f"The EMA state has format version {version!r}; this lightning-ema reads versions up to {VERSION}."
                 " Upgrade lightning-ema to load it."
             )
-        saved = state_dict.get("config", {})
+        saved = dict(state_dict.get("config", {}))
+        if "decay" in saved:  # version 1 described its single schedule under "decay"
+            saved["decays"] = [saved.pop("decay")]
         changed = {key: (saved.get(key), value) for key, value in self._config().items() if saved.get(key) != value}
         if changed:
             details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
@@ -394,3 +445,8 @@ def _refuse_unsupported_strategy(strategy: object) -> None:
 def _ema_callbacks(trainer: pl.Trainer) -> list[EMACallback]:
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
     return [callback for callback in callbacks if isinstance(callback, EMACallback)]
+
+
+def _label(schedule: DecaySchedule, index: int) -> str:
+    """Name an EMA by its decay if it is constant (``0.999``), else by its position."""
+    return repr(schedule.decay) if isinstance(schedule, ConstantDecay) else str(index)

@@ -2,10 +2,12 @@
 
 Layout: ``checkpoint["callbacks"][state_key]`` of each :class:`~lightning_ema.EMACallback` holds::
 
-    {"format": "lightning-ema", "version": 1,
-     "config": {...plain values describing the callback...},
+    {"format": "lightning-ema", "version": 2,
+     "config": {"decays": [repr of each schedule], ...plain values describing the callback...},
      "num_updates": int, "last_update_step": int,
-     "ema": {state_dict name: tensor}}
+     "emas": [{state_dict name: tensor}, ...]}      # one dict per decay, in the order given
+
+Version 1 (single decay) had ``"config": {"decay": repr, ...}`` and ``"ema": {name: tensor}``; it is still read.
 
 ``checkpoint["state_dict"]`` keeps the raw weights. Everything is tensors and plain Python values, so
 ``torch.load(path, weights_only=True)`` reads it.
@@ -24,14 +26,31 @@ from torch import Tensor
 __all__ = [
     "FORMAT",
     "VERSION",
+    "decays_of",
     "ema_states",
+    "emas_of",
     "export_ema",
     "load_checkpoint",
     "load_ema_state_dict",
 ]
 
 FORMAT = "lightning-ema"
-VERSION = 1
+VERSION = 2
+
+
+def emas_of(state: Mapping[str, Any]) -> list[Mapping[str, Tensor]]:
+    """Return the EMA tensors of a saved callback state, one mapping per decay (any layout version)."""
+    if "emas" in state:
+        return list(state["emas"])
+    return [state["ema"]]
+
+
+def decays_of(state: Mapping[str, Any]) -> list[str]:
+    """Return the schedule descriptions (``repr``) of a saved callback state, one per EMA."""
+    config = state.get("config") or {}
+    if "decays" in config:
+        return [str(decay) for decay in config["decays"]]
+    return [str(config.get("decay"))]
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str, Any]:
@@ -85,10 +104,32 @@ def _select_state(states: dict[str, dict[str, Any]], state_key: str | None) -> d
     return next(iter(states.values()))
 
 
+def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapping[str, Tensor]:
+    emas, decays = emas_of(state), decays_of(state)
+    if index is not None and decay is not None:
+        raise ValueError(f"Pass `index` or `decay`, not both; got index={index!r} and decay={decay!r}.")
+    if decay is not None:
+        from lightning_ema.schedules import DecaySchedule, as_schedule
+
+        wanted = repr(decay if isinstance(decay, DecaySchedule) else as_schedule(decay))
+        if wanted not in decays:
+            raise ValueError(f"`decay` must be one of the saved decays {decays}, got {decay!r}.")
+        return emas[decays.index(wanted)]
+    if index is None:
+        if len(emas) > 1:
+            raise ValueError(f"The EMA state holds {len(emas)} EMAs ({decays}); choose one with `index` or `decay`.")
+        index = 0
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(emas):
+        raise ValueError(f"`index` must be an integer in [0, {len(emas)}) for the EMAs {decays}, got {index!r}.")
+    return emas[index]
+
+
 def load_ema_state_dict(
     path_or_checkpoint: str | os.PathLike[str] | Mapping[str, Any],
     *,
     state_key: str | None = None,
+    index: int | None = None,
+    decay: Any = None,
     prefix: str | None = None,
     weights_only: bool = True,
 ) -> dict[str, Tensor]:
@@ -99,14 +140,16 @@ def load_ema_state_dict(
 
     Args:
         path_or_checkpoint: a checkpoint file, or a checkpoint already loaded as a dict.
-        state_key: which EMA to return when several ``EMACallback`` states are saved.
+        state_key: which callback's EMA to return when several ``EMACallback`` states are saved.
+        index: which EMA of a callback with several decays, by position in its ``decay`` list.
+        decay: which EMA of a callback with several decays, by value (``0.9999``) or schedule object.
         prefix: keep only names that start with it, with the prefix removed (``"model."`` gives the
             state dict of ``LightningModule.model``).
         weights_only: passed to ``torch.load``; leave it ``True`` unless you trust the file.
 
     Raises:
-        ValueError: if the checkpoint holds no EMA state, several without a ``state_key``, or nothing under
-            ``prefix``.
+        ValueError: if the checkpoint holds no EMA state, several without a ``state_key``, several EMAs
+            without an ``index`` or ``decay``, or nothing under ``prefix``.
 
     Example::
 
@@ -119,7 +162,7 @@ def load_ema_state_dict(
         checkpoint = load_checkpoint(path_or_checkpoint, weights_only=weights_only)
     state = _select_state(ema_states(checkpoint), state_key)
     weights: dict[str, Tensor] = dict(checkpoint.get("state_dict") or {})
-    weights.update(state["ema"])
+    weights.update(_select_ema(state, index, decay))
     if prefix is not None:
         weights = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
         if not weights:
@@ -132,6 +175,8 @@ def export_ema(
     output_path: str | os.PathLike[str],
     *,
     state_key: str | None = None,
+    index: int | None = None,
+    decay: Any = None,
     prefix: str | None = None,
     weights_only: bool = True,
 ) -> dict[str, Tensor]:
@@ -140,7 +185,9 @@ def export_ema(
     Returns:
         The state dict that was written.
     """
-    weights = load_ema_state_dict(checkpoint_path, state_key=state_key, prefix=prefix, weights_only=weights_only)
+    weights = load_ema_state_dict(
+        checkpoint_path, state_key=state_key, index=index, decay=decay, prefix=prefix, weights_only=weights_only
+    )
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".safetensors":

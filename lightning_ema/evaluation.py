@@ -4,10 +4,10 @@ Lightning runs one evaluation loop. To validate the raw weights and one or more 
 module's step method (``validation_step`` or ``test_step``) is replaced, for the duration of the run, by
 one that calls the original once per weight set on the same batch:
 
-- the first pass runs with the weights as they are and logs under the names the module uses;
-- each further pass enters its weights (an EMA swapped in), logs every name with its suffix
-  (``val_acc`` -> ``val_acc_ema``), and sees its own copies of the module's torchmetrics ``Metric``
-  objects, so that ``self.log("val_acc", self.acc)`` accumulates each pass separately.
+- each pass enters its weights (nothing for the raw weights, an EMA swapped in otherwise) and logs every
+  name with its suffix (``val_acc`` -> ``val_acc_ema``; an empty suffix keeps the module's names);
+- the first pass uses the module's own torchmetrics ``Metric`` objects, each further pass its own copies,
+  so that ``self.log("val_acc", self.acc)`` accumulates each pass separately.
 
 Only the first pass's output reaches ``on_*_batch_end`` hooks; epoch-level hooks run once. The cost is one
 extra forward per batch and weight set, plus the swap in and out around it.
@@ -64,7 +64,7 @@ class MultiPassEvaluation:
         # One set of metric copies per extra pass; fresh for each run so no state leaks between runs.
         self._metrics = [[copy.deepcopy(parent._modules[name]) for parent, name, _ in self._slots] for _ in passes[1:]]
         # Lightning finds a logged Metric's attribute in a map it built from the module's own metrics; the copies
-        # are not in it, so their logs name the attribute explicitly.
+        # are not in it, so their logs name the attribute explicitly (the originals keep theirs).
         self._attribute_of = {
             id(metric): path + evaluation.suffix
             for evaluation, metrics in zip(passes[1:], self._metrics, strict=True)
@@ -76,7 +76,9 @@ class MultiPassEvaluation:
         original = getattr(self.module, self.step_name)
 
         def step(*args: Any, **kwargs: Any) -> Any:
-            output = original(*args, **kwargs)
+            primary = self.passes[0]
+            with primary.weights(), self._suffixed_log(primary.suffix):
+                output = original(*args, **kwargs)
             for index, evaluation in enumerate(self.passes[1:]):
                 with evaluation.weights(), self._metrics_of(index), self._suffixed_log(evaluation.suffix):
                     original(*args, **kwargs)
@@ -104,6 +106,9 @@ class MultiPassEvaluation:
 
     @contextmanager
     def _suffixed_log(self, suffix: str) -> Iterator[None]:
+        if not suffix:
+            yield
+            return
         module = self.module
         log = cast(Callable[..., None], module.log)
 

@@ -21,6 +21,8 @@ __all__ = [
     "is_selected",
     "lerp_",
     "nonfinite_mask",
+    "squared_distance",
+    "squared_norm",
 ]
 
 #: Path components that wrappers insert into ``state_dict`` names (DDP, ``torch.compile``, Fabric).
@@ -123,6 +125,26 @@ def nonfinite_mask(tensors: list[Tensor]) -> Tensor:
     """
     maxima = torch._foreach_norm(tensors, float("inf"))
     return ~torch.isfinite(torch.stack(maxima))
+
+
+@torch.no_grad()
+def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """Return the sum of squared entries of all ``tensors`` as a float32 0-d tensor on their device."""
+    norms = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors])
+    return torch.stack(norms).float().square().sum()
+
+
+@torch.no_grad()
+def squared_distance(ema: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """Return the sum of squared differences between paired tensors, as a float32 0-d tensor on the EMA's device.
+
+    One tensor at a time, so the temporary memory is that of the largest tensor, not of the model.
+    """
+    parts = [
+        torch.linalg.vector_norm(e.float() - w.to(device=e.device, dtype=torch.float32)).square()
+        for e, w in zip(ema, weights, strict=True)
+    ]
+    return torch.stack(parts).sum()
 
 
 def exchange_(first: list[Tensor], second: list[Tensor]) -> None:

@@ -125,17 +125,17 @@ def test_callback_state_in_checkpoint_is_plain_and_matches_reference(tmp_path: P
         assert step in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)
 
         assert state["format"] == "lightning-ema"
-        assert state["version"] == 1
+        assert state["version"] == 2
         config = state["config"]
         assert isinstance(config, dict)
         assert config["every_n_steps"] == 1
         assert config["start_step"] == 0
-        assert "0.9" in config["decay"]
+        assert config["decays"] == ["ConstantDecay(decay=0.9)"]
         assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in config.values()), config
         assert state["num_updates"] == step
         assert state["last_update_step"] == step
 
-        ema = state["ema"]
+        ema = state["emas"][0]
         assert set(ema) == set(model.state_dict())  # keyed by the LightningModule's state_dict names
         assert all(isinstance(t, Tensor) for t in ema.values())
         assert ema["net.0.weight"].dtype == torch.float32
@@ -197,7 +197,7 @@ def test_crash_and_resume_is_bit_exact(tmp_path: Path, case: str) -> None:
 
     # the sanity-check validation already ran with the checkpoint's EMA, not with its raw weights
     seen = model_c.seen_in["validate"][0]
-    assert_equal_states(seen, saved_state["ema"])
+    assert_equal_states(seen, saved_state["emas"][0])
     assert_differs(seen, saved["state_dict"])
 
     assert callback_c.num_updates == callback_a.num_updates
@@ -212,7 +212,7 @@ def test_crash_and_resume_is_bit_exact(tmp_path: Path, case: str) -> None:
     state_a, state_c = (final["callbacks"][callback_a.state_key] for final in (final_a, final_c))
     for key in ("format", "version", "config", "num_updates", "last_update_step"):
         assert state_c[key] == state_a[key], key
-    assert_equal_states(state_c["ema"], state_a["ema"])
+    assert_equal_states(state_c["emas"][0], state_a["emas"][0])
     assert_equal_states(final_c["state_dict"], final_a["state_dict"])
 
 
@@ -254,7 +254,7 @@ def test_checkpoint_state_dict_holds_raw_weights(tmp_path: Path, how: str) -> No
         raw = raw_at(recorder, step)
         assert_equal_states(checkpoint["state_dict"], raw)
         assert set(checkpoint["state_dict"]) == set(raw)
-        ema = checkpoint["callbacks"][callback.state_key]["ema"]
+        ema = checkpoint["callbacks"][callback.state_key]["emas"][0]
         assert_close_to_reference(ema, reference_at(recorder, step, constant_decay(0.9)))
         assert_differs(ema, checkpoint["state_dict"])
     if how == "user-callback-during-validation":
@@ -278,9 +278,9 @@ def test_save_checkpoint_inside_swapped_keeps_raw_weights(tmp_path: Path) -> Non
 
     checkpoint = load(tmp_path / "swapped.ckpt")
     assert_equal_states(checkpoint["state_dict"], raw)
-    assert_equal_states(checkpoint["callbacks"][callback.state_key]["ema"], ema)
+    assert_equal_states(checkpoint["callbacks"][callback.state_key]["emas"][0], ema)
     assert_close_to_reference(
-        checkpoint["callbacks"][callback.state_key]["ema"],
+        checkpoint["callbacks"][callback.state_key]["emas"][0],
         reference_ema(recorder.initial, recorder.steps, recorder.states, constant_decay(0.9)),
     )
 
@@ -321,7 +321,7 @@ def test_on_exception_checkpoint_during_validation_holds_raw_weights(
     checkpoint = load(tmp_path / "on_exception.ckpt")
     assert checkpoint["global_step"] == step
     assert_equal_states(checkpoint["state_dict"], last_raw)
-    assert_close_to_reference(checkpoint["callbacks"][callback.state_key]["ema"], expected_ema)
+    assert_close_to_reference(checkpoint["callbacks"][callback.state_key]["emas"][0], expected_ema)
     # the model itself holds its raw weights again
     assert_equal_states(snapshot(model), last_raw)
 
@@ -381,7 +381,7 @@ MISMATCHES = {
 def write_mismatched(source: Path, target: Path, edit) -> dict:
     checkpoint = load(source)
     (state,) = ema_entries(checkpoint).values()
-    edit(state["ema"])
+    edit(state["emas"][0])
     torch.save(checkpoint, target)
     return checkpoint
 
@@ -450,7 +450,7 @@ def test_several_callbacks_save_and_resume_their_own_ema(tmp_path: Path, swappin
     assert set(ema_entries(saved)) == set(keys)
     for key, decay in zip(keys, decays, strict=True):
         expected = reference_at(recorder_b, saved["global_step"], constant_decay(decay))
-        assert_close_to_reference(saved["callbacks"][key]["ema"], expected)
+        assert_close_to_reference(saved["callbacks"][key]["emas"][0], expected)
     assert_equal_states(saved["state_dict"], raw_at(recorder_b, saved["global_step"]))
 
     # resume with fresh callbacks listed in the other order: each finds its own state by its key
@@ -490,7 +490,7 @@ def test_test_with_ckpt_path_uses_that_checkpoints_ema(tmp_path: Path) -> None:
 
     path = tmp_path / "epoch=1.ckpt"
     checkpoint = load(path)
-    saved_ema = checkpoint["callbacks"][callback.state_key]["ema"]
+    saved_ema = checkpoint["callbacks"][callback.state_key]["emas"][0]
     assert_differs(saved_ema, end_of_fit_ema)
 
     trainer.test(model, make_loader(n=16), ckpt_path=path)
@@ -511,7 +511,7 @@ def test_validate_in_fresh_trainer_uses_checkpoint_ema_without_warning(tmp_path:
     trainer = L.Trainer(callbacks=[fresh_callback], **trainer_kwargs())
     trainer.validate(fresh_model, make_loader(n=16), ckpt_path=tmp_path / "last.ckpt")
     assert not [str(w.message) for w in recwarn if "EMA" in str(w.message)]
-    assert_equal_states(fresh_model.seen_in["validate"][0], checkpoint["callbacks"][callback.state_key]["ema"])
+    assert_equal_states(fresh_model.seen_in["validate"][0], checkpoint["callbacks"][callback.state_key]["emas"][0])
     assert_equal_states(snapshot(fresh_model), checkpoint["state_dict"])
 
 
@@ -544,7 +544,7 @@ def test_resume_with_changed_config_warns_and_continues(
     assert trainer.global_step == 3 * STEPS_PER_EPOCH
     assert callback.num_updates == saved["num_updates"] + STEPS_PER_EPOCH // every_n_steps
     expected = reference_ema(
-        saved["ema"],
+        saved["emas"][0],
         recorder.steps,
         recorder.states,
         constant_decay(decay),

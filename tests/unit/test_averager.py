@@ -768,10 +768,10 @@ def test_state_reads_while_swapped() -> None:
         ema = clone_state(averager.ema_state_dict())
         with averager.swapped():
             assert_equal_states(averager.ema_state_dict(), ema)
-            assert_equal_states(averager.state_dict()["ema"], ema)
+            assert_equal_states(averager.state_dict()["emas"][0], ema)
             assert_equal_states(averager.raw_by_name(), raw)
         assert_equal_states(averager.raw_by_name(), raw)
-        assert_equal_states(averager.state_dict()["ema"], ema)
+        assert_equal_states(averager.state_dict()["emas"][0], ema)
 
 
 def test_state_dict_taken_while_swapped_saves_ema() -> None:
@@ -781,7 +781,7 @@ def test_state_dict_taken_while_swapped_saves_ema() -> None:
         buffer = io.BytesIO()
         torch.save(averager.state_dict(), buffer)
     buffer.seek(0)
-    assert_equal_states(torch.load(buffer, weights_only=True)["ema"], ema)
+    assert_equal_states(torch.load(buffer, weights_only=True)["emas"][0], ema)
 
 
 def test_swap_before_bind_raises() -> None:
@@ -818,14 +818,14 @@ def _fresh_loaded(state: dict[str, object], **kwargs: object) -> tuple[nn.Module
 def test_state_dict_round_trip() -> None:
     _, averager = _trained(decay=0.9, every_n_steps=1)
     state = averager.state_dict()
-    assert set(state) == {"num_updates", "last_update_step", "ema"}
+    assert set(state) == {"num_updates", "last_update_step", "emas"}
     ema = clone_state(averager.ema_state_dict())
     module, loaded = _fresh_loaded(state, decay=0.9)
     assert_equal_states(loaded.ema_state_dict(), ema)
     assert loaded.num_updates == 3 and loaded.last_update_step == 3
     # the loaded EMA is its own copy and keeps the tie
     loaded_ema = loaded.ema_state_dict()
-    assert loaded_ema["fc.weight"].data_ptr() != state["ema"]["fc.weight"].data_ptr()  # type: ignore[index]
+    assert loaded_ema["fc.weight"].data_ptr() != state["emas"][0]["fc.weight"].data_ptr()  # type: ignore[index]
     assert loaded_ema["head.weight"].data_ptr() == loaded_ema["decoder.weight"].data_ptr()
     # and updates continue from it
     randomize(module, 77)
@@ -860,18 +860,18 @@ def test_load_before_bind_that_does_not_match_fails_at_bind() -> None:
 
 
 def _mismatched_states(state: dict[str, object]) -> list[tuple[dict[str, object], list[str]]]:
-    ema = dict(state["ema"])  # type: ignore[call-overload]
+    ema = dict(state["emas"][0])  # type: ignore[call-overload]
     wrong_shape = dict(ema, **{"fc.weight": torch.zeros(5, 4)})
     missing = {k: v for k, v in ema.items() if k != "fc.bias"}
     extra = dict(ema, **{"extra.weight": torch.zeros(1)})
     renamed = {("fc.other" if k == "fc.bias" else k): v for k, v in ema.items()}
     several = dict(wrong_shape, **{"bn.weight": torch.zeros(7)})
     return [
-        ({**state, "ema": wrong_shape}, ["fc.weight"]),
-        ({**state, "ema": missing}, ["fc.bias"]),
-        ({**state, "ema": extra}, ["extra.weight"]),
-        ({**state, "ema": renamed}, ["fc.bias", "fc.other"]),
-        ({**state, "ema": several}, ["fc.weight", "bn.weight"]),
+        ({**state, "emas": [wrong_shape]}, ["fc.weight"]),
+        ({**state, "emas": [missing]}, ["fc.bias"]),
+        ({**state, "emas": [extra]}, ["extra.weight"]),
+        ({**state, "emas": [renamed]}, ["fc.bias", "fc.other"]),
+        ({**state, "emas": [several]}, ["fc.weight", "bn.weight"]),
     ]
 
 
@@ -900,8 +900,8 @@ def test_state_of_compiled_module_loads_into_plain_module() -> None:
     saved.bind(wrapped, 0)
     train(wrapped, saved, [1, 2])
     state = saved.state_dict()
-    assert all(name.startswith("_orig_mod.") for name in state["ema"])
-    expected = {name.removeprefix("_orig_mod."): t.clone() for name, t in state["ema"].items()}
+    assert all(name.startswith("_orig_mod.") for name in state["emas"][0])
+    expected = {name.removeprefix("_orig_mod."): t.clone() for name, t in state["emas"][0].items()}
     _, loaded = _fresh_loaded(state, decay=0.9)
     assert_equal_states(loaded.ema_state_dict(), expected)
     assert loaded.num_updates == 2
@@ -967,7 +967,7 @@ def test_state_dict_survives_torch_save_weights_only() -> None:
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     assert state["num_updates"] == 3 and state["last_update_step"] == 3
-    assert_equal_states(state["ema"], ema)
+    assert_equal_states(state["emas"][0], ema)
     loaded = EMAAverager(0.7)
     loaded.load_state_dict(state)
     loaded.bind(Net(dtype=torch.bfloat16, seed=9), 0)

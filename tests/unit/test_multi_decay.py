@@ -1,0 +1,144 @@
+"""Several decays in one EMAAverager: each EMA against its own plain float64 loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ema.averager import EMAAverager, EMAStateError
+from lightning_ema.schedules import WarmupDecay
+
+
+def make_module() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def perturb(module: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.1)
+
+
+def plain_loop(trajectory, decay_at, every_n, start_step):  # type: ignore[no-untyped-def]
+    """Element-wise float64 EMA over recorded states: trajectory[0] is the state at step 0."""
+    ema = {n: t.double().clone() for n, t in trajectory[0].items() if t.is_floating_point()}
+    last = 0
+    for step in range(1, len(trajectory)):
+        if step % every_n:
+            continue
+        state = trajectory[step]
+        if step <= start_step:
+            ema = {n: state[n].double().clone() for n in ema}
+        else:
+            decay = math.prod(decay_at(s) for s in range(max(last, start_step) + 1, step + 1))
+            ema = {n: decay * ema[n] + (1 - decay) * state[n].double() for n in ema}
+        last = step
+    return ema
+
+
+@pytest.mark.parametrize(("every_n", "start_step"), [(1, 0), (3, 0), (2, 5)])
+def test_each_ema_follows_its_own_decay(every_n: int, start_step: int) -> None:
+    module = make_module()
+    schedules = [0.9, WarmupDecay(decay=0.99, warmup=10)]
+    references = [lambda t: 0.9, lambda t: min(0.99, (1 + t) / (10 + t))]
+    averager = EMAAverager(schedules, every_n_steps=every_n, start_step=start_step)
+    averager.bind(module, 0)
+    trajectory = [{n: t.clone() for n, t in module.state_dict().items()}]
+    for step in range(1, 25):
+        perturb(module, step)
+        trajectory.append({n: t.clone() for n, t in module.state_dict().items()})
+        decay = averager.update(step)
+        if step % every_n == 0:
+            assert decay is not None
+            assert len(averager.last_decays) == 2
+    for index, decay_at in enumerate(references):
+        expected = plain_loop(trajectory, decay_at, every_n, start_step)
+        ema = averager.ema_state_dict(index)
+        for name, value in expected.items():
+            assert torch.allclose(ema[name].double(), value, atol=1e-6), (index, name)
+    assert not torch.equal(averager.ema_state_dict(0)["0.weight"], averager.ema_state_dict(1)["0.weight"])
+
+
+def test_swap_in_by_index_and_bit_exact_restore() -> None:
+    module = make_module()
+    averager = EMAAverager([0.5, 0.9])
+    averager.bind(module, 0)
+    for step in range(1, 6):
+        perturb(module, step)
+        averager.update(step)
+    raw = {n: t.clone() for n, t in module.state_dict().items()}
+    second = {n: t.clone() for n, t in averager.ema_state_dict(1).items()}
+    with averager.swapped(1):
+        for name, tensor in module.state_dict().items():
+            assert torch.equal(tensor, second[name]), name
+        with pytest.raises(RuntimeError, match="swapped in"):
+            averager.swap_in(0)
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, raw[name]), name
+    with pytest.raises(ValueError, match=r"`index`.*got 2"):
+        averager.swap_in(2)
+
+
+def test_state_round_trip_and_count_mismatch() -> None:
+    module = make_module()
+    averager = EMAAverager([0.5, 0.9])
+    averager.bind(module, 0)
+    perturb(module, 1)
+    averager.update(1)
+    state = averager.state_dict()
+    assert len(state["emas"]) == 2
+    fresh = EMAAverager([0.5, 0.9])
+    fresh.bind(make_module(), 0)
+    fresh.load_state_dict(state)
+    for index in (0, 1):
+        for name, tensor in averager.ema_state_dict(index).items():
+            assert torch.equal(fresh.ema_state_dict(index)[name], tensor)
+    single = EMAAverager(0.5)
+    single.bind(make_module(), 0)
+    before = {n: t.clone() for n, t in single.ema_state_dict().items()}
+    with pytest.raises(EMAStateError, match="holds 2 EMAs but 1 decays"):
+        single.load_state_dict(state)
+    for name, tensor in single.ema_state_dict().items():
+        assert torch.equal(tensor, before[name])
+
+
+def test_single_ema_layout_of_version_one_still_loads() -> None:
+    module = make_module()
+    legacy = {
+        "num_updates": 4,
+        "last_update_step": 4,
+        "ema": {n: torch.full_like(t, 0.25) for n, t in module.state_dict().items()},
+    }
+    averager = EMAAverager(0.9)
+    averager.load_state_dict(legacy)
+    averager.bind(module, 0)
+    assert averager.num_updates == 4
+    assert torch.equal(averager.ema_state_dict()["0.weight"], torch.full((4, 3), 0.25))
+
+
+def test_relative_distance_is_the_closed_form() -> None:
+    module = make_module()
+    averager = EMAAverager([0.5, 0.9], buffers="ignore")
+    averager.bind(module, 0)
+    for step in range(1, 4):
+        perturb(module, step)
+        averager.update(step)
+    weights = dict(module.named_parameters())
+    denominator = math.sqrt(sum(float((w.double() ** 2).sum()) for w in weights.values()))
+    for index, distance in enumerate(averager.relative_distances()):
+        ema = averager.ema_state_dict(index)
+        numerator = math.sqrt(sum(float(((ema[n].double() - w.double()) ** 2).sum()) for n, w in weights.items()))
+        assert float(distance) == pytest.approx(numerator / denominator, rel=1e-5)
+        assert distance.device == weights["0.weight"].device
+
+
+@pytest.mark.parametrize("decay", [[], [0.9, 0.9], [0.9, 1.5]])
+def test_bad_decay_lists(decay: list[float]) -> None:
+    with pytest.raises(ValueError, match="`decay`"):
+        EMAAverager(decay)
