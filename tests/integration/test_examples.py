@@ -44,3 +44,12 @@ def test_digits_example_prints_raw_and_ema_accuracy(examples_on_path: None, caps
     assert "raw weights: accuracy" in out and "EMA weights: accuracy" in out
     assert 0.5 < result["raw_acc"] <= 1.0
     assert 0.0 < result["ema_acc"] <= 1.0
+
+
+def test_digits_compare_mode_plots_raw_and_both_emas(examples_on_path: None, tmp_path: Path) -> None:
+    import digits
+
+    plot = tmp_path / "plot.png"
+    final = digits.main(["--epochs", "1", "--compare", "--plot", str(plot)])
+    assert set(final) == {"val_acc", "val_acc_ema0.99", "val_acc_ema0.995"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
