@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ema import functional as F
+from lightning_ema import sharding as S
 from lightning_ema._validate import (
     check_choice,
     check_int,
@@ -76,9 +77,10 @@ class _Group:
 @dataclass(frozen=True)
 class _Selected:
     names: tuple[str, ...]
-    live: Tensor
+    live: Tensor  # the tensor itself, or for a DTensor the view of this rank's shard
     kind: str
     buffer: bool
+    sharding: S.Sharding | None = None
 
 
 class EMAAverager:
@@ -137,6 +139,7 @@ class EMAAverager:
         self._pending: dict[str, Any] | None = None
         self._swap_depth = 0
         self._swap_index = 0
+        self._sharding: dict[str, S.Sharding] = {}
 
     @property
     def schedule(self) -> DecaySchedule:
@@ -175,7 +178,14 @@ class EMAAverager:
         self._target = None
         self._pending = None
 
-    def bind(self, module: nn.Module, step: int, *, target: nn.Module | None = None) -> None:
+    def bind(
+        self,
+        module: nn.Module,
+        step: int,
+        *,
+        target: nn.Module | None = None,
+        extra_exclude: Sequence[str] = (),
+    ) -> None:
         """Track ``module``'s selected tensors.
 
         The EMA comes from, in this order: a state loaded with :meth:`load_state_dict` before binding; the
@@ -186,6 +196,9 @@ class EMAAverager:
         ``state_dict`` names (a mean teacher of ``module``), updated in place and used as they are, with their
         devices and dtypes. Their current values are the EMA, unless a loaded state waits, which is copied
         into them. While swapped in, ``module`` shares the target's storage and the target keeps its values.
+
+        ``extra_exclude`` adds glob patterns to ``exclude`` for this binding (a module that declares tensors no
+        EMA should average, such as a mean teacher's).
 
         Raises:
             EMAStateError: if a loaded or previous EMA, or ``target``, does not match the module's names and
@@ -202,7 +215,8 @@ class EMAAverager:
                 f"and dtypes, got target={type(target).__name__} with device={self.device!r}, "
                 f"dtype={self.dtype!r} and {self.num_emas} decays."
             )
-        selected = self._select(module)
+        S.reshard_all(module)  # an unsharded FSDP2 root would show full tensors instead of its DTensors
+        selected = self._select(module, tuple(extra_exclude))
         if not selected:
             raise EMAStateError(
                 "No tensors of the module are selected for the EMA. Check `include`, `exclude` and `buffers`; "
@@ -218,10 +232,11 @@ class EMAAverager:
             targets = _align_names(_target_tensors(target, selected), selected)
             sources = pending["emas"] if pending is not None else None  # the target holds the EMA
         if sources is not None:
-            sources = [_align_names(source, selected) for source in sources]
+            sources = [_align_names(_localize(source, selected), selected) for source in sources]
         self._build_groups(selected, sources, targets)
         self._module = module
         self._target = target
+        self._sharding = {name: item.sharding for item in selected if item.sharding for name in item.names}
         if pending is not None:
             self.num_updates = int(pending["num_updates"])
             self.last_update_step = int(pending["last_update_step"])
@@ -229,14 +244,15 @@ class EMAAverager:
             self.num_updates = 0
             self.last_update_step = step
 
-    def _select(self, module: nn.Module) -> list[_Selected]:
+    def _select(self, module: nn.Module, extra_exclude: tuple[str, ...] = ()) -> list[_Selected]:
+        exclude = (self.exclude or ()) + extra_exclude or None
         parameters = {id(p) for p in module.parameters()}
         names_of: dict[int, list[str]] = {}
         tensor_of: dict[int, Tensor] = {}
         for name, tensor in module.state_dict(keep_vars=True).items():
             if not isinstance(tensor, Tensor):
                 continue
-            if not F.is_selected(F.canonical_name(name), self.include, self.exclude):
+            if not F.is_selected(F.canonical_name(name), self.include, exclude):
                 continue
             names_of.setdefault(id(tensor), []).append(name)
             tensor_of[id(tensor)] = tensor
@@ -250,7 +266,12 @@ class EMAAverager:
                 continue
             else:
                 kind = _AVERAGE if floating and self.buffers == "average" else _COPY
-            selected.append(_Selected(tuple(names), tensor, kind, key not in parameters))
+            if S.is_sharded(tensor):
+                selected.append(
+                    _Selected(tuple(names), S.local_view(tensor), kind, key not in parameters, S.sharding_of(tensor))
+                )
+            else:
+                selected.append(_Selected(tuple(names), tensor, kind, key not in parameters))
         return selected
 
     def _build_groups(
@@ -282,10 +303,12 @@ class EMAAverager:
                     with torch.no_grad():
                         ema.copy_(initial)
                 emas.append(ema)
-            key = (item.kind, item.buffer, live.device, live.dtype, emas[0].device, emas[0].dtype)
+            sharded = item.sharding is not None
+            key = (item.kind, item.buffer, sharded, live.device, live.dtype, emas[0].device, emas[0].dtype)
             group = by_key.get(key)
             if group is None:
-                exchangeable = live.device == emas[0].device and live.dtype == emas[0].dtype
+                # FSDP2 all-gathers from its own storage: a sharded EMA must be copied in, not exchanged.
+                exchangeable = not sharded and live.device == emas[0].device and live.dtype == emas[0].dtype
                 group = by_key[key] = _Group(
                     item.kind, item.buffer, [], [[] for _ in range(self.num_emas)], [], exchangeable
                 )
@@ -383,7 +406,13 @@ class EMAAverager:
     def _all_finite(self, step: int) -> bool:
         checked = [group for group in self._groups if group.checked]
         flags = [F.nonfinite_mask(group.checked) for group in checked]
-        if not any(bool(flag.any()) for flag in flags):
+        found = any(bool(flag.any()) for flag in flags)
+        if self._sharding and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each rank sees only its shards: agree on one decision, or the ranks' EMAs would drift apart.
+            anywhere = torch.tensor([int(found)], dtype=torch.int32, device=checked[0].checked[0].device)
+            torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+            found = bool(anywhere.item())
+        if not found:
             return True
         bad = [
             name
@@ -391,7 +420,8 @@ class EMAAverager:
             for name, is_bad in zip(group.checked_names, flag.tolist(), strict=True)
             if is_bad
         ]
-        message = f"Weights {bad} hold NaN or infinity at optimizer step {step}"
+        where = f"Weights {bad}" if bad else "Weights of another rank's shards"
+        message = f"{where} hold NaN or infinity at optimizer step {step}"
         if self.nonfinite == "error":
             raise NonFiniteUpdateError(
                 f"{message}; the EMA update was refused and the EMA keeps its last finite value. "
@@ -417,6 +447,8 @@ class EMAAverager:
         if self._swap_depth and index != self._swap_index:
             raise RuntimeError(f"EMA {self._swap_index} is swapped in; swap it out before swapping in EMA {index}.")
         if self._swap_depth == 0:
+            if self._sharding:
+                S.reshard_all(self._module)  # type: ignore[arg-type]
             copied = [group for group in self._groups if not group.exchangeable]
             # Allocate every backup before touching the module, so a failure here changes nothing.
             backups = [
@@ -443,6 +475,9 @@ class EMAAverager:
         self._swap_depth = 0 if force else self._swap_depth - 1
         if self._swap_depth:
             return
+        if self._sharding:
+            # Validation leaves the FSDP2 root unsharded with the EMA in it; reshard before restoring the shards.
+            S.reshard_all(self._module)  # type: ignore[arg-type]
         for group in self._groups:
             if group.exchangeable:
                 F.exchange_(group.live, group.emas[self._swap_index])
@@ -506,6 +541,11 @@ class EMAAverager:
                 exchanged = self._swap_depth > 0 and k == self._swap_index and group.exchangeable
                 result.extend(group.live if exchanged else emas)
         return result
+
+    @property
+    def sharding(self) -> dict[str, S.Sharding]:
+        """The layout of every tracked name whose weight is a DTensor; its EMA tensors are local shards."""
+        return dict(self._sharding)
 
     def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Return EMA ``index`` under the module's ``state_dict`` names (live references, not copies)."""
@@ -576,6 +616,21 @@ def _target_tensors(target: nn.Module, selected: list[_Selected]) -> dict[str, T
         for name, tensor in target.state_dict(keep_vars=True).items()
         if isinstance(tensor, Tensor) and F.canonical_name(name) in wanted
     }
+
+
+def _localize(source: Mapping[str, Tensor], selected: list[_Selected]) -> Mapping[str, Tensor]:
+    """Replace full tensors of sharded entries by this rank's shard (a full-file checkpoint of a sharded run)."""
+    sharded = {name: item for item in selected if item.sharding is not None for name in item.names}
+    if not sharded:
+        return source
+    result = dict(source)
+    for name, item in sharded.items():
+        tensor = source.get(name)
+        sharding = item.sharding
+        if tensor is not None and sharding is not None and tensor.shape != item.live.shape:
+            if tensor.shape == sharding.shape:
+                result[name] = S.cut_local_shard(tensor.to(item.live.device), sharding)
+    return result
 
 
 def _align_names(source: Mapping[str, Tensor], selected: list[_Selected]) -> Mapping[str, Tensor]:

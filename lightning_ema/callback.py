@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,9 +17,10 @@ from typing_extensions import override
 
 from lightning_ema._validate import check_bool, check_choice, check_int
 from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
-from lightning_ema.checkpoint import FORMAT, VERSION, ema_states
+from lightning_ema.checkpoint import FORMAT, VERSION, ema_states, load_sharded_ema, shard_key
 from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
 from lightning_ema.schedules import ConstantDecay, DecaySchedule
+from lightning_ema.sharding import is_sharded, to_dtensor
 
 __all__ = ["EMACallback"]
 
@@ -225,7 +227,8 @@ class EMACallback(Callback):
                 " EMACallback to evaluate its EMA.",
                 category=UserWarning,
             )
-        averager.bind(pl_module, trainer.global_step)
+        # A module may declare tensors that are averages already (MeanTeacherModule's teacher).
+        averager.bind(pl_module, trainer.global_step, extra_exclude=tuple(getattr(pl_module, "ema_exclude", ())))
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -359,22 +362,48 @@ class EMACallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Keep the raw weights in ``checkpoint["state_dict"]`` even if the EMA is swapped in right now."""
-        if not self._averager.is_swapped:
-            return
+        """Keep the raw weights in ``checkpoint["state_dict"]``; store sharded EMA where every rank's shard is saved."""
+        averager = self._averager
         state_dict = checkpoint.get("state_dict")
-        if state_dict is None:
+        sharding = averager.sharding if averager.is_bound else {}
+        # A distributed checkpoint holds DTensors; a single-file one full tensors on rank 0 (nothing on the others).
+        distributed = state_dict is not None and any(is_sharded(value) for value in state_dict.values())
+        if sharding:
+            own = (checkpoint.get("callbacks") or {}).get(self.state_key)
+            for index in range(averager.num_emas):
+                ema = averager.ema_state_dict(index)
+                for name, layout in sharding.items():
+                    shards = to_dtensor(ema[name], layout)
+                    if distributed and state_dict is not None:
+                        state_dict[shard_key(self.state_key, index, name)] = shards
+                    else:
+                        full = shards.full_tensor()  # type: ignore[attr-defined]  # a collective: every rank
+                        if own is not None:
+                            own["emas"][index][name] = full
+        if not averager.is_swapped or state_dict is None:
             return
-        for name, raw in self._averager.raw_by_name().items():
+        for name, raw in averager.raw_by_name().items():
+            raw_layout = sharding.get(name)
+            if raw_layout is not None:
+                raw = to_dtensor(raw, raw_layout)
+                if not distributed:
+                    raw = raw.full_tensor()  # type: ignore[attr-defined]
             if name in state_dict:
                 state_dict[name] = raw
 
     @override
     def state_dict(self) -> dict[str, Any]:
         """Return the EMA, its counters and a configuration fingerprint (tensors and plain values only)."""
-        if not self._averager.is_bound and not self._averager.has_pending_state:
+        averager = self._averager
+        if not averager.is_bound and not averager.has_pending_state:
             return {}
-        return {"format": FORMAT, "version": VERSION, "config": self._config(), **self._averager.state_dict()}
+        state = {"format": FORMAT, "version": VERSION, "config": self._config(), **averager.state_dict()}
+        sharded = averager.sharding if averager.is_bound else {}
+        if sharded:
+            # Local shards must not reach rank 0's file; on_save_checkpoint stores them where every rank's go.
+            state["emas"] = [{n: t for n, t in ema.items() if n not in sharded} for ema in state["emas"]]
+            state["sharded"] = sorted(sharded)
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -407,12 +436,18 @@ class EMACallback(Callback):
     ) -> None:
         """Find this callback's EMA in the checkpoint, or restart the EMA from the loaded weights with a warning."""
         states = ema_states(checkpoint)
-        if self.state_key in states:
-            return  # Lightning passes it to `load_state_dict` next.
-        siblings = _ema_callbacks(trainer)
-        if len(states) == 1 and len(siblings) == 1:
-            self.load_state_dict(dict(next(iter(states.values()))))
-            return
+        key = self.state_key if self.state_key in states else None
+        adopt = key is None and len(states) == 1 and len(_ema_callbacks(trainer)) == 1
+        if adopt:
+            key = next(iter(states))
+        if key is not None:
+            state = checkpoint["callbacks"][key]
+            missing = state.get("sharded") and any(name not in state["emas"][0] for name in state["sharded"])
+            if missing and trainer.ckpt_path is not None and Path(trainer.ckpt_path).is_dir():
+                load_sharded_ema(trainer.ckpt_path, key, state, pl_module)
+            if adopt:
+                self.load_state_dict(dict(state))
+            return  # for our own key, Lightning passes the state to `load_state_dict` next
         if states:
             detail = f"it holds EMA states for other settings only: {sorted(states)!r}"
         else:

@@ -11,6 +11,17 @@ Version 1 (single decay) had ``"config": {"decay": repr, ...}`` and ``"ema": {na
 
 ``checkpoint["state_dict"]`` keeps the raw weights. Everything is tensors and plain Python values, so
 ``torch.load(path, weights_only=True)`` reads it.
+
+Sharded (FSDP2) runs: each rank holds the EMA of its shards only. ``"emas"`` then lacks the sharded names, which
+``"sharded"`` lists, and their EMA is stored where Lightning puts every rank's shards:
+
+- a distributed checkpoint (a folder, ``ModelParallelStrategy``'s default) routes only ``checkpoint["state_dict"]``
+  through ``torch.distributed.checkpoint``, so the EMA shards are DTensors under
+  ``state_dict["__ema__/<state_key>/<index>/<name>"]`` there (the rest of the callback state goes to ``meta.pt``);
+- a single-file checkpoint gets the full EMA tensors in ``"emas"``, gathered from every rank when saving.
+
+:func:`load_checkpoint` reads both; for a folder it loads only the ``state_dict`` tensors, in one process, and
+moves the EMA shards back into the callback states, so that everything below works the same.
 """
 
 from __future__ import annotations
@@ -21,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "FORMAT",
+    "SHARD_PREFIX",
     "VERSION",
     "decays_of",
     "ema_states",
@@ -32,10 +44,18 @@ __all__ = [
     "export_ema",
     "load_checkpoint",
     "load_ema_state_dict",
+    "shard_key",
 ]
 
 FORMAT = "lightning-ema"
 VERSION = 2
+SHARD_PREFIX = "__ema__/"
+_METADATA_FILE = "meta.pt"  # what ModelParallelStrategy names the non-tensor part of a distributed checkpoint
+
+
+def shard_key(state_key: str, index: int, name: str) -> str:
+    """The ``checkpoint["state_dict"]`` key under which a sharded EMA tensor is saved in a distributed checkpoint."""
+    return f"{SHARD_PREFIX}{state_key}/{index}/{name}"
 
 
 def emas_of(state: Mapping[str, Any]) -> list[Mapping[str, Tensor]]:
@@ -61,6 +81,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
         ValueError: if the file holds objects that ``weights_only=True`` refuses (with the way out).
     """
     path = Path(path)
+    if path.is_dir():
+        return _load_distributed_checkpoint(path, weights_only=weights_only)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
     try:
@@ -75,6 +97,72 @@ def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
     if not isinstance(checkpoint, dict):
         raise ValueError(f"A checkpoint must be a dict, got {type(checkpoint).__name__} from {str(path)!r}.")
     return checkpoint
+
+
+def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str, Any]:
+    """Read a distributed checkpoint folder in one process: ``meta.pt`` plus the ``state_dict`` tensors."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    if not (path / _METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{str(path)!r} is a folder without {_METADATA_FILE}: not a distributed checkpoint.")
+    checkpoint = dict(torch.load(path / _METADATA_FILE, map_location="cpu", weights_only=weights_only))
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    wanted = {
+        key.removeprefix("state_dict."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in stored.items()
+        if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
+    }
+    request = {"state_dict": wanted}
+    load(request, checkpoint_id=str(path), no_dist=True)
+    weights = request["state_dict"]
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if isinstance(state, Mapping) and state.get("format") == FORMAT and state.get("sharded"):
+            state = dict(state)
+            state["emas"] = [
+                {**ema, **{name: weights.pop(shard_key(key, index, name)) for name in state["sharded"]}}
+                for index, ema in enumerate(state["emas"])
+            ]
+            checkpoint["callbacks"][key] = state
+    checkpoint["state_dict"] = {key: value for key, value in weights.items() if not key.startswith(SHARD_PREFIX)}
+    return checkpoint
+
+
+def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[str, Any], module: nn.Module) -> None:
+    """Fill ``state["emas"]`` with this rank's EMA shards from a distributed checkpoint folder (all ranks call it).
+
+    Raises:
+        EMAStateError: if the folder lacks a shard the state lists; nothing is changed then.
+    """
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    from lightning_ema.averager import EMAStateError
+    from lightning_ema.sharding import reshard_all
+
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    reshard_all(module)
+    live = module.state_dict(keep_vars=True)
+    keys = {
+        (index, name): shard_key(state_key, index, name)
+        for index in range(len(state["emas"]))
+        for name in state["sharded"]
+    }
+    missing = sorted(
+        key for key in keys.values() if f"state_dict.{key}" not in stored or key.split("/", 3)[-1] not in live
+    )
+    if missing:
+        raise EMAStateError(
+            f"The distributed checkpoint {str(path)!r} lacks EMA shards or the model their names: {missing}."
+        )
+    placeholders = {
+        key: torch.empty_like(live[name], dtype=stored[f"state_dict.{key}"].properties.dtype)  # type: ignore[union-attr]
+        for (_, name), key in keys.items()
+    }
+    load({"state_dict": placeholders}, checkpoint_id=str(path))
+    for (index, name), key in keys.items():
+        state["emas"][index][name] = placeholders[key].to_local().clone()  # type: ignore[attr-defined]
 
 
 def ema_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

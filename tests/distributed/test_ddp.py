@@ -63,7 +63,7 @@ def test_ddp_fork_ranks_hold_identical_ema_equal_to_reference(tmp_path: Path) ->
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     (state,) = [s for key, s in last["callbacks"].items() if key.startswith("EMACallback")]
     for name, tensor in ranks[0]["ema"].items():
-        assert torch.equal(state["ema"][name], tensor), name
+        assert torch.equal(state["emas"][0][name], tensor), name
         assert torch.equal(last["state_dict"][name], ranks[0]["raw"][name]), name
 
 
