@@ -547,6 +547,26 @@ class EMAAverager:
         """The layout of every tracked name whose weight is a DTensor; its EMA tensors are local shards."""
         return dict(self._sharding)
 
+    def take_rank_zero_buffers(self) -> None:
+        """Make every rank hold rank 0's buffer EMA (one broadcast per device and dtype; never on the update path).
+
+        Under DDP the weights agree across ranks after each step but BatchNorm statistics do not: each rank
+        updates them from its own batch, and DDP only broadcasts rank 0's at the start of the next forward. So
+        rank 0's buffers are the model's, and its buffer EMA is the one every rank should evaluate with. Call it
+        on every rank (it is a collective) where the EMA is about to be read; it does nothing in one process.
+        """
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_world_size() < 2 or not self.is_bound:
+            return
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for tensor in self.buffer_ema():
+            by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+        for group in by_kind.values():
+            flat = torch.cat([tensor.reshape(-1) for tensor in group])
+            torch.distributed.broadcast(flat, src=0)
+            chunks = torch.split(flat, [tensor.numel() for tensor in group])
+            torch._foreach_copy_(group, [chunk.view_as(tensor) for chunk, tensor in zip(chunks, group, strict=True)])
+
     def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Return EMA ``index`` under the module's ``state_dict`` names (live references, not copies)."""
         self._require_bound()

@@ -19,6 +19,7 @@ from lightning_ema._validate import check_bool, check_choice, check_int
 from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
 from lightning_ema.checkpoint import FORMAT, VERSION, ema_states, load_sharded_ema, shard_key
 from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
+from lightning_ema.mean_teacher import MeanTeacherModule
 from lightning_ema.schedules import ConstantDecay, DecaySchedule
 from lightning_ema.sharding import is_sharded, to_dtensor
 
@@ -235,6 +236,12 @@ class EMACallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse strategies whose parameters the EMA cannot follow; name the decay metric if there are several."""
         _refuse_unsupported_strategy(trainer.strategy)
+        if self.evaluate != "raw" and isinstance(pl_module, MeanTeacherModule) and pl_module.evaluate == "teacher":
+            raise ValueError(
+                f"{type(pl_module).__name__} evaluates its teacher, and EMACallback(evaluate={self.evaluate!r}) would "
+                "put its own EMA of the student over it. Choose one: `EMACallback(evaluate='raw')` to evaluate the "
+                "teacher, or the module's `evaluate='student'` to evaluate the callback's EMA."
+            )
         siblings = _ema_callbacks(trainer)
         swapping = [callback for callback in siblings if callback.evaluate != "raw"]
         if len(swapping) > 1:
@@ -269,7 +276,7 @@ class EMACallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_name: str | None = None
     ) -> None:
         self._ensure_bound(trainer, pl_module)
-        self._take_rank_zero_buffers(trainer)
+        self._averager.take_rank_zero_buffers()
         several_passes = self.evaluate == "both" or (self.evaluate == "ema" and self._several)
         if several_passes and step_name is not None:
             passes = [EvaluationPass("", nullcontext)] if self.evaluate == "both" else []
@@ -328,29 +335,10 @@ class EMACallback(Callback):
         self._swapped_for_stage = False
         self._averager.swap_out(force=True)
 
-    def _take_rank_zero_buffers(self, trainer: pl.Trainer) -> None:
-        """Make every rank hold rank 0's buffer EMA (one broadcast per dtype; never on the update path).
-
-        Under DDP the weights agree across ranks after each step but BatchNorm statistics do not: each rank
-        updates them from its own batch, and DDP only broadcasts rank 0's at the start of the next forward. So
-        rank 0's buffers are the model's, and its buffer EMA is the one every rank should evaluate with.
-        """
-        if trainer.world_size < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return
-        tensors = self._averager.buffer_ema()
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for tensor in tensors:
-            by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-        for group in by_kind.values():
-            flat = torch.cat([tensor.reshape(-1) for tensor in group])
-            torch.distributed.broadcast(flat, src=0)
-            chunks = torch.split(flat, [tensor.numel() for tensor in group])
-            torch._foreach_copy_(group, [chunk.view_as(tensor) for chunk, tensor in zip(chunks, group, strict=True)])
-
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give every rank rank 0's buffer EMA, so that what follows training (export, test) agrees across ranks."""
-        self._take_rank_zero_buffers(trainer)
+        self._averager.take_rank_zero_buffers()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,8 +18,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from support import TinyClassifier, WeightRecorder, make_loader, snapshot, trainer_kwargs
+from torch import nn
 
-from lightning_ema import EMACallback
+from lightning_ema import EMACallback, MeanTeacherModule
 
 DECAY = 0.8
 
@@ -71,3 +72,59 @@ if __name__ == "__main__":
     parser.add_argument("--ckpt-path")
     args = parser.parse_args()
     run(args.strategy, args.out, max_epochs=args.max_epochs, ckpt_path=args.ckpt_path)
+
+
+class TinyMeanTeacher(MeanTeacherModule):
+    """TinyClassifier's network as the student; a consistency term against the teacher on the same batch."""
+
+    def __init__(self) -> None:
+        super().__init__(teacher_decay=DECAY)
+        self.student = TinyClassifier().net
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        with torch.no_grad():
+            target = self.teacher(x).softmax(dim=1)
+        logits = self.student(x)
+        return nn.functional.cross_entropy(logits, y) + nn.functional.mse_loss(logits.softmax(dim=1), target)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class DumpTeacher(L.Callback):
+    """Records the student after every step (rank 0's is the reference) and dumps each rank's teacher."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.recorder = WeightRecorder()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial = snapshot(pl_module.student)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.recorder.steps.append(trainer.global_step)
+        self.recorder.states.append(snapshot(pl_module.student))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the module's own on_train_end, where every rank takes rank 0's teacher buffers
+        torch.save(
+            {
+                "teacher": snapshot(pl_module.teacher),
+                "num_updates": pl_module.num_teacher_updates,
+                "initial": self.initial,
+                "steps": self.recorder.steps,
+                "states": self.recorder.states,
+            },
+            self.out / f"teacher{trainer.global_rank}.pt",
+        )
+
+
+def run_mean_teacher(strategy: str, out: str | Path, *, max_epochs: int = 2) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    trainer = L.Trainer(
+        callbacks=[DumpTeacher(out)], max_epochs=max_epochs, **trainer_kwargs(strategy=strategy, devices=2)
+    )
+    trainer.fit(TinyMeanTeacher(), make_loader())

@@ -88,3 +88,15 @@ def test_strategy_ddp_relaunching_the_script_ranks_agree(tmp_path: Path) -> None
     run_script("ddp", tmp_path)
     check_ranks(tmp_path)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_mean_teacher_under_ddp_fork_is_identical_across_ranks_and_equals_reference(tmp_path: Path) -> None:
+    ddp_worker.run_mean_teacher("ddp_fork", tmp_path, max_epochs=2)
+    first, second = (torch.load(tmp_path / f"teacher{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert first["num_updates"] == second["num_updates"] == 2 * 4
+    expected = reference_ema(first["initial"], first["steps"], first["states"], constant_decay(ddp_worker.DECAY))
+    # every teacher tensor agrees across ranks, BatchNorm statistics included (rank 0's are the model's)
+    for name, tensor in first["teacher"].items():
+        assert torch.equal(tensor, second["teacher"][name]), name
+    for name, value in expected.items():
+        assert torch.allclose(first["teacher"][name].double(), value, atol=1e-6), name

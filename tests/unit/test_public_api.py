@@ -10,6 +10,7 @@ def test_top_level_names() -> None:
         "EMAAverager",
         "EMACallback",
         "EMAStateError",
+        "MeanTeacherModule",
         "NonFiniteUpdateError",
         "__version__",
         "export_ema",

@@ -1,0 +1,474 @@
+"""``MeanTeacherModule``: a LightningModule base whose ``teacher`` is the EMA of its ``student``.
+
+The EMA math and the step policy are :class:`~lightning_ema.averager.EMAAverager`'s, bound with the teacher as
+its target, so that the teacher's own tensors are the averages and nothing else is allocated. This module only
+adds the Lightning hooks and the rules that keep the teacher out of optimizers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from typing_extensions import Self, override
+
+from lightning_ema._validate import check_choice
+from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
+from lightning_ema.schedules import (
+    ConstantDecay,
+    CosineDecay,
+    DecaySchedule,
+    ExponentialRampDecay,
+    HalfLifeDecay,
+    KarrasDecay,
+    PowerDecay,
+    WarmupDecay,
+    as_schedule,
+)
+
+__all__ = ["MeanTeacherModule"]
+
+#: The checkpoint key under which the teacher's counters and configuration are saved.
+CHECKPOINT_KEY = "mean_teacher"
+
+# A subclass's `save_hyperparameters()` puts a `teacher_decay` schedule into every checkpoint, and Lightning
+# loads checkpoints with torch's default `weights_only=True`: allow the built-in schedules, which hold plain
+# numbers only, so that resume and `load_from_checkpoint` work without `weights_only=False`.
+torch.serialization.add_safe_globals(
+    [ConstantDecay, CosineDecay, ExponentialRampDecay, HalfLifeDecay, KarrasDecay, PowerDecay, WarmupDecay]
+)
+
+
+class MeanTeacherModule(pl.LightningModule):
+    """A LightningModule whose ``teacher`` is an exponential moving average of its ``student``.
+
+    Mean Teacher (Tarvainen & Valpola, 2017) and momentum encoders (BYOL, DINO) train a student and use an EMA
+    of it, the teacher, for targets and for evaluation. A subclass assigns ``self.student`` in ``__init__``;
+    the assignment creates ``self.teacher`` at once, a deep copy of the student that is:
+
+    - a registered submodule, so ``state_dict()`` holds ``student.*`` and ``teacher.*``, and checkpoints,
+      ``load_from_checkpoint`` and ``trainer.fit(ckpt_path=...)`` restore both; the teacher comes from the
+      checkpoint, never again from the student;
+    - frozen: its parameters have ``requires_grad=False``, and it is kept out of optimizers twice over.
+      ``self.parameters()`` and ``self.named_parameters()`` of this module leave the teacher out (use
+      ``self.teacher.parameters()`` to reach it), so ``torch.optim.SGD(self.parameters(), ...)`` optimises
+      the student only, and ``freeze()``/``unfreeze()``/``requires_grad_()`` do not touch the teacher. When
+      training starts, an optimizer that holds a teacher parameter anyway raises a ``RuntimeError``;
+    - in eval mode (dropout off, BatchNorm using its running statistics) whatever Lightning or the user
+      does with ``train()``, unless ``teacher_mode="train"``, where it follows the module's mode;
+    - updated in ``on_train_batch_end`` after every optimizer step (gradient accumulation respected):
+      ``teacher = decay_t * teacher + (1 - decay_t) * student``, in place. The decay is logged as
+      ``teacher/decay``.
+
+    Validation and test run with the teacher's weights in the student (``evaluate="teacher"``), so that a
+    ``validation_step`` calling ``self.student(x)`` or ``self(x)`` evaluates the teacher. Where devices and
+    dtypes agree, the student's parameters are pointed at the teacher's storage (no copy); the student's own
+    weights come back bit-exactly afterwards, also after an exception, and checkpoints written meanwhile hold
+    the student's own weights under ``student.*``. ``self.teacher`` is the teacher throughout. Prediction runs
+    the student's own weights; call ``self.teacher`` in ``predict_step`` to predict with the teacher.
+
+    Overriding hooks: call ``super()`` in overrides of ``on_train_start``, ``on_train_batch_end``,
+    ``on_{validation,test}_model_{eval,train}``, ``on_save_checkpoint``, ``on_load_checkpoint`` and
+    ``train``. A missed teacher update or a swap left in place is detected and raises a ``RuntimeError``.
+
+    With an :class:`~lightning_ema.EMACallback` in the same Trainer, ``ema_exclude`` names the teacher's
+    tensors, which the callback leaves out of its own average. Only one of the two may decide what evaluation
+    sees: with ``evaluate="teacher"`` here, give the callback ``evaluate="raw"`` (the Trainer refuses the
+    combination otherwise); with ``evaluate="student"`` here, the callback may evaluate its EMA of the student.
+
+    The teacher has the student's dtype. With ``precision="bf16-true"`` or ``"16-true"`` most small updates
+    (``1 - decay`` well below 1e-2) round away; train with a mixed precision to keep the teacher in float32.
+
+    Args:
+        teacher_decay: a float in [0, 1) or a schedule from :mod:`lightning_ema.schedules`; the update after
+            optimizer step ``t`` uses ``teacher_decay(t)``.
+        every_n_steps: update the teacher after every n-th optimizer step; an update covering n steps applies
+            the product of their n decays, so the teacher's time constant does not depend on n.
+        start_step: the first ``start_step`` optimizer steps copy the student into the teacher; averaging
+            starts with step ``start_step + 1``.
+        buffers: ``"average"`` the student's floating-point buffers into the teacher's (integer buffers such as
+            ``num_batches_tracked`` are copied), ``"copy"`` them, or ``"ignore"`` them (the teacher's buffers
+            then stay as they were when it was created, and evaluating the teacher uses the student's).
+        teacher_mode: ``"eval"`` keeps the teacher in eval mode; ``"train"`` lets it follow the module's mode.
+        evaluate: the weights validation and test run with: ``"teacher"`` or ``"student"``.
+        nonfinite: an update meeting a NaN or infinite student weight raises
+            :class:`~lightning_ema.NonFiniteUpdateError` (``"error"``), is skipped with a warning (``"skip"``),
+            or is not checked (``"ignore"``).
+
+    Raises:
+        ValueError: if an argument is invalid; the message names the argument and its value.
+
+    Example::
+
+        class SemiSupervised(MeanTeacherModule):
+            def __init__(self):
+                super().__init__(teacher_decay=0.999)
+                self.student = Net()
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                with torch.no_grad():
+                    target = self.teacher(x).softmax(dim=1)
+                return consistency_loss(self.student(x), target)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.student.parameters(), lr=0.1)
+    """
+
+    #: ``state_dict`` patterns that an :class:`~lightning_ema.EMACallback` must not average: the teacher is
+    #: already an average, updated by this module.
+    ema_exclude: ClassVar[tuple[str, ...]] = ("teacher.*",)
+
+    student: nn.Module
+    teacher: nn.Module
+
+    def __init__(
+        self,
+        teacher_decay: float | DecaySchedule = 0.999,
+        *,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        buffers: BufferPolicy = "average",
+        teacher_mode: str = "eval",
+        evaluate: str = "teacher",
+        nonfinite: NonFinitePolicy = "error",
+    ) -> None:
+        super().__init__()
+        self._teacher_ema = EMAAverager(
+            as_schedule(teacher_decay, "teacher_decay"),
+            every_n_steps=every_n_steps,
+            start_step=start_step,
+            buffers=buffers,
+            nonfinite=nonfinite,
+        )
+        self.teacher_mode = check_choice("teacher_mode", teacher_mode, ("eval", "train"))
+        self.evaluate = check_choice("evaluate", evaluate, ("teacher", "student"))
+        self._restored_counters: tuple[int, int] | None = None
+        self._seen_step: int | None = None
+        self._captured_modes: dict[str, bool] | None = None
+
+    # ------------------------------------------------------------------ the teacher
+    @override
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "teacher":
+            raise AttributeError(
+                "`teacher` is created from `student`: assign `self.student = ...` and the teacher follows."
+            )
+        averager = self.__dict__.get("_teacher_ema")
+        if name == "student" and isinstance(value, nn.Module) and averager is not None:
+            if averager.is_swapped:
+                raise RuntimeError("Cannot replace the student while the teacher's weights are swapped into it.")
+            super().__setattr__(name, value)
+            averager.reset()
+            super().__setattr__("teacher", _frozen_copy(value, self._teacher_training(self.training)))
+            return
+        super().__setattr__(name, value)
+
+    def _teacher_training(self, module_training: bool) -> bool:
+        return module_training and self.teacher_mode == "train"
+
+    def _require_teacher(self) -> nn.Module:
+        teacher = self._modules.get("teacher")
+        if teacher is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no student: assign `self.student = ...` in `__init__` after "
+                "`super().__init__(...)`; the teacher is created from it."
+            )
+        return teacher
+
+    @property
+    def teacher_schedule(self) -> DecaySchedule:
+        """The teacher's decay schedule (a float ``teacher_decay`` becomes a ``ConstantDecay``)."""
+        return self._teacher_ema.schedule
+
+    @property
+    def num_teacher_updates(self) -> int:
+        """How many times the teacher was updated (copies during ``start_step`` included), checkpoints included."""
+        if self._restored_counters is not None:
+            return self._restored_counters[0]
+        return self._teacher_ema.num_updates
+
+    @override
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the student (which holds the teacher's weights while validation or test evaluates the teacher)."""
+        return self.student(*args, **kwargs)
+
+    @override
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """Yield the parameters of everything but the teacher, so that optimizers built from them leave it out."""
+        teacher = self._modules.get("teacher")
+        skip = set() if teacher is None else {id(p) for p in teacher.parameters()}
+        for name, parameter in super().named_parameters(prefix, recurse, remove_duplicate):
+            if id(parameter) not in skip:
+                yield name, parameter
+
+    @override
+    def train(self, mode: bool = True) -> Self:
+        """Set the training mode; the teacher stays in eval mode unless ``teacher_mode="train"``."""
+        super().train(mode)
+        teacher = self._modules.get("teacher")
+        if teacher is not None:
+            teacher.train(self._teacher_training(mode))
+        return self
+
+    # ------------------------------------------------------------------ binding and checks
+    def _ensure_bound(self) -> None:
+        """(Re)bind the averager to the student with the teacher as target, after any device move or load."""
+        teacher = self._require_teacher()
+        trainer = self.trainer
+        averager = self._teacher_ema
+        averager.bind(self.student, trainer.global_step, target=teacher)
+        if self._restored_counters is not None:
+            averager.num_updates, averager.last_update_step = self._restored_counters
+            self._restored_counters = None
+        if averager.last_update_step > trainer.global_step:
+            # Counters from another run's step numbering (load_from_checkpoint, then a new Trainer): the teacher
+            # is kept and its steps are counted from this Trainer's step on.
+            averager.last_update_step = trainer.global_step
+        if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
+            # Attached here rather than through `configure_callbacks`, which subclasses often override.
+            trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]
+
+    def _check_optimizers(self) -> None:
+        teacher = self._require_teacher()
+        names = {id(p): name for name, p in teacher.named_parameters()}
+        for index, optimizer in enumerate(self.trainer.optimizers):
+            held = sorted(names[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in names)
+            if held:
+                raise RuntimeError(
+                    f"Optimizer {index} ({type(optimizer).__name__}) holds teacher parameters "
+                    f"{['teacher.' + name for name in held[:5]]}{' ...' if len(held) > 5 else ''}. The teacher is "
+                    "the EMA of the student and must not be optimised: pass `self.student.parameters()` or "
+                    "`self.parameters()` (which leaves the teacher out) to the optimizer."
+                )
+
+    def _check_hooks_ran(self, where: str) -> None:
+        """Raise if a teacher update was missed or a swap was left in place (a hook overridden without super)."""
+        if self._teacher_ema.is_swapped and where in ("on_train_batch_start", "on_train_end"):
+            raise RuntimeError(
+                f"{type(self).__name__}: the teacher's weights are still in the student at {where}. An override of "
+                "`on_validation_model_train` or `on_test_model_train` must call super()."
+            )
+        if self._seen_step is None:
+            if where == "on_train_batch_start":
+                raise RuntimeError(
+                    f"{type(self).__name__}: training started without the teacher being set up. An override of "
+                    "`on_train_start` must call super().on_train_start()."
+                )
+            return
+        if self.trainer.global_step > self._seen_step:
+            raise RuntimeError(
+                f"{type(self).__name__}: optimizer step {self.trainer.global_step} happened but the teacher was not "
+                f"updated (noticed at {where}). An override of `on_train_batch_end` must call "
+                "super().on_train_batch_end(outputs, batch, batch_idx)."
+            )
+
+    def _restore_student(self) -> None:
+        """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
+        self._teacher_ema.swap_out(force=True)
+        self._captured_modes = None
+        teacher = self._modules.get("teacher")
+        if teacher is not None:
+            teacher.train(self._teacher_training(self.training))
+
+    # ------------------------------------------------------------------ training hooks
+    @override
+    def on_fit_start(self) -> None:
+        """Let the teacher's mode flag follow the module until training starts, so Lightning sees no eval module."""
+        # Lightning warns about modules in eval mode right before `on_train_start`; the teacher's eval mode is
+        # intended, so it is applied in `on_train_start` instead. The sanity check runs everything in eval mode.
+        teacher = self._require_teacher()
+        teacher.train(self.training)
+
+    @override
+    def on_train_start(self) -> None:
+        """Bind the teacher's EMA, check that no optimizer holds the teacher and put the teacher in its mode."""
+        self._ensure_bound()
+        self._check_optimizers()
+        self._require_teacher().train(self._teacher_training(self.training))
+        self._seen_step = self.trainer.global_step
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the teacher if an optimizer step due for an update happened in this batch; log the decay."""
+        if not self._teacher_ema.bound_to(self.student):
+            raise RuntimeError(
+                f"{type(self).__name__}: the teacher was not set up when training started. An override of "
+                "`on_train_start` must call super().on_train_start()."
+            )
+        step = self.trainer.global_step
+        decay = self._teacher_ema.update(step)
+        self._seen_step = step
+        if decay is not None:
+            self.log("teacher/decay", decay, on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    def on_train_end(self) -> None:
+        """Give every rank rank 0's teacher buffers; forget this run's step bookkeeping (the counters stay)."""
+        self._teacher_ema.take_rank_zero_buffers()
+        self._seen_step = None
+
+    # ------------------------------------------------------------------ evaluation hooks
+    def _capture_modes(self) -> None:
+        # Lightning restores each submodule's mode after evaluation unless `on_*_model_train` is overridden, as
+        # it is here; so the modes are captured and restored here, the way Lightning does it.
+        self._captured_modes = {name: module.training for name, module in self.named_modules()}
+
+    def _begin_evaluation(self) -> None:
+        self._ensure_bound()
+        self._teacher_ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
+        if self.evaluate == "teacher":
+            self._teacher_ema.swap_in()
+
+    def _end_evaluation(self) -> None:
+        if self.evaluate == "teacher":
+            self._teacher_ema.swap_out()
+        modes, self._captured_modes = self._captured_modes, None
+        if modes is None:
+            self.train()
+            return
+        for name, module in self.named_modules():
+            if name in modes:
+                module.training = modes[name]
+
+    @override
+    def on_validation_model_eval(self) -> None:
+        """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
+        self._capture_modes()
+        super().on_validation_model_eval()
+        self._begin_evaluation()
+
+    @override
+    def on_validation_model_train(self) -> None:
+        """Give the student its own weights back and restore each submodule's mode."""
+        self._end_evaluation()
+
+    @override
+    def on_test_model_eval(self) -> None:
+        """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
+        self._capture_modes()
+        super().on_test_model_eval()
+        self._begin_evaluation()
+
+    @override
+    def on_test_model_train(self) -> None:
+        """Give the student its own weights back and restore each submodule's mode."""
+        self._end_evaluation()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _config(self) -> dict[str, Any]:
+        averager = self._teacher_ema
+        return {
+            "teacher_decay": repr(averager.schedule),
+            "every_n_steps": averager.every_n_steps,
+            "start_step": averager.start_step,
+            "buffers": averager.buffers,
+        }
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
+        averager = self._teacher_ema
+        if averager.is_bound:
+            counters = (averager.num_updates, averager.last_update_step)
+        elif self._restored_counters is not None:
+            counters = self._restored_counters
+        else:
+            counters = None
+        if counters is not None:
+            checkpoint[CHECKPOINT_KEY] = {
+                "num_updates": counters[0],
+                "last_update_step": counters[1],
+                "config": self._config(),
+            }
+        state_dict = checkpoint.get("state_dict")
+        if averager.is_swapped and state_dict is not None:
+            for name, raw in averager.raw_by_name().items():
+                key = f"student.{name}"
+                if key in state_dict:
+                    state_dict[key] = raw
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the teacher's counters (the teacher's weights come with the module's ``state_dict``)."""
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if not isinstance(state, dict):
+            return
+        saved = state.get("config", {})
+        changed = {key: (saved.get(key), value) for key, value in self._config().items() if saved.get(key) != value}
+        if changed:
+            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            rank_zero_warn(
+                f"Loading a teacher saved with a different configuration ({details}); it continues with the new"
+                " settings.",
+                category=UserWarning,
+            )
+        self._restored_counters = (int(state["num_updates"]), int(state["last_update_step"]))
+
+
+class _MeanTeacherGuard(Callback):
+    """Restores the student after an exception and checks that the module's hooks ran.
+
+    A LightningModule has no ``on_exception`` hook, and its hooks can be overridden without ``super()``; a
+    callback has both covered. :class:`MeanTeacherModule` attaches one to its Trainer when it first binds.
+    """
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Raise if the previous optimizer step did not update the teacher or a swap was left in place."""
+        if isinstance(pl_module, MeanTeacherModule):
+            pl_module._check_hooks_ran("on_train_batch_start")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise if a teacher update was missed before validation, or the teacher should be in but is not."""
+        self._check_evaluation(trainer, pl_module, "validation")
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise if the teacher should be in the student for testing but is not."""
+        self._check_evaluation(trainer, pl_module, "test")
+
+    @staticmethod
+    def _check_evaluation(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, MeanTeacherModule):
+            return
+        if stage == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            pl_module._check_hooks_ran(f"on_{stage}_start")
+        if pl_module.evaluate == "teacher" and not pl_module._teacher_ema.is_swapped:
+            raise RuntimeError(
+                f"{type(pl_module).__name__}: {stage} should run with the teacher's weights but they are not in the "
+                f"student. An override of `on_{stage}_model_eval` must call super()."
+            )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise if the last optimizer steps did not update the teacher."""
+        if isinstance(pl_module, MeanTeacherModule):
+            pl_module._check_hooks_ran("on_train_end")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Give the student its own weights back before anything else looks at the module."""
+        if isinstance(pl_module, MeanTeacherModule):
+            pl_module._restore_student()
+
+
+def _frozen_copy(student: nn.Module, training: bool) -> nn.Module:
+    """Return a deep copy of ``student`` without gradients, in the given mode."""
+    teacher = copy.deepcopy(student)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+        parameter.grad = None
+    teacher.train(training)
+    return teacher
