@@ -263,12 +263,13 @@ class EMACallback(Callback):
     ) -> None:
         """Update the EMA if an optimizer step due for an update happened in this batch, and log the decay."""
         averager = self._averager
-        if averager.update(trainer.global_step) is None:
+        step, previous = trainer.global_step, averager.last_update_step
+        if averager.update(step) is None:
             return
         for tag, decay in zip(self._log_tags, averager.last_decays, strict=True):
             pl_module.log(f"ema/decay{tag}", decay, on_step=True, on_epoch=False, batch_size=1)
         every = self.distance_every_n_steps
-        if every and trainer.global_step // every > (trainer.global_step - averager.every_n_steps) // every:
+        if every and step // every > previous // every:  # a multiple of `every` lies in (previous, step]
             for tag, distance in zip(self._log_tags, averager.relative_distances(), strict=True):
                 pl_module.log(f"ema/distance{tag}", distance, on_step=True, on_epoch=False, batch_size=1)
 

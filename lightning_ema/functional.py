@@ -25,6 +25,8 @@ __all__ = [
     "squared_norm",
 ]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 #: Path components that wrappers insert into ``state_dict`` names (DDP, ``torch.compile``, Fabric).
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "_forward_module.")
 
@@ -116,15 +118,27 @@ def copy_(destination: list[Tensor], source: list[Tensor]) -> None:
 
 @torch.no_grad()
 def nonfinite_mask(tensors: list[Tensor]) -> Tensor:
-    """Return a boolean tensor that is ``True`` for each tensor holding a NaN or an infinity.
+    """Return a boolean tensor that is ``True`` exactly for each tensor holding a NaN or an infinity.
 
-    The tensors must not be empty (an empty tensor has no maximum); callers leave those out.
-
-    The largest absolute value is NaN or infinite exactly when the tensor holds one; unlike a 2-norm it
-    cannot overflow for large finite values. The result stays on the tensors' device (no host sync).
+    On CUDA one fused ``_foreach_norm(ord=inf)`` answers it (the largest absolute value is non-finite exactly
+    when the tensor holds a NaN or an infinity). On CPU that kernel is several times slower than reading the
+    weights once, so each tensor is screened by its sum instead: a NaN or an infinity makes the sum non-finite
+    (``+inf`` and ``-inf`` together give NaN). A sum can also overflow from large finite values, so the tensors
+    the screen flags, normally none, are checked exactly with ``isfinite``: no finite tensor is ever flagged.
+    Empty tensors are never flagged.
     """
-    maxima = torch._foreach_norm(tensors, float("inf"))
-    return ~torch.isfinite(torch.stack(maxima))
+    if tensors[0].device.type == "cuda":
+        nonempty = [t for t in tensors if t.numel()]
+        if len(nonempty) == len(tensors):
+            return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))))
+    sums = torch.stack([t.sum(dtype=torch.float32) if t.dtype in _HALF else t.sum().float() for t in tensors])
+    flagged = ~torch.isfinite(sums)
+    if not bool(flagged.any()):
+        return flagged
+    exact = [
+        bool(is_flagged) and not bool(torch.isfinite(t).all()) for t, is_flagged in zip(tensors, flagged, strict=True)
+    ]
+    return torch.tensor(exact, device=sums.device)
 
 
 @torch.no_grad()

@@ -358,3 +358,11 @@ def test_exchange_keeps_requires_grad_flags() -> None:
 def test_exchange_requires_lists_of_equal_length() -> None:
     with pytest.raises(ValueError):
         exchange_([torch.zeros(1), torch.zeros(1)], [torch.zeros(1)])
+
+
+def test_nonfinite_mask_sum_screen_is_exact() -> None:
+    # finite values whose float32 sum overflows must not be flagged; +inf and -inf together (sum NaN) must be
+    overflowing = torch.tensor([3e38, 3e38, -1.0])
+    both_infinities = torch.tensor([float("inf"), 1.0, float("-inf")])
+    halves = torch.full((100_000,), 60_000.0, dtype=torch.float16)  # the float16 sum would overflow
+    assert nonfinite_mask([overflowing, both_infinities, halves]).tolist() == [False, True, False]
