@@ -63,7 +63,9 @@ class EMACallback(Callback):
             schedules other than a constant, its position (``_ema1``).
         distance_every_n_steps: every this many optimizer steps, log ``ema/distance``, the relative distance
             ``||ema - w|| / ||w||`` over the averaged tensors (computed on the device, no host sync; one
-            tensor's worth of temporary memory). ``0`` turns it off.
+            tensor's worth of temporary memory), at the first step after it that the loggers write. ``0`` turns
+            it off. Like ``ema/decay`` it is only logged on the steps the Trainer's loggers write
+            (``log_every_n_steps``), and not at all without a logger.
         apply_at_end: copy the EMA into the model when ``fit`` ends (the raw weights are then gone).
         nonfinite: an update meeting a NaN or infinite weight raises (``"error"``), is skipped with a
             warning (``"skip"``), or is not checked at all (``"ignore"``: saves one read of the weights).
@@ -116,6 +118,7 @@ class EMACallback(Callback):
         self._log_tags = self._tags_for(position=None)
         self._restart_from_weights = False
         self._swapped_for_stage = False
+        self._distance_due = False
 
     # ------------------------------------------------------------------ public state
     @property
@@ -261,15 +264,19 @@ class EMACallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Update the EMA if an optimizer step due for an update happened in this batch, and log the decay."""
+        """Update the EMA if an optimizer step due for an update happened in this batch; log when loggers write."""
         averager = self._averager
         step, previous = trainer.global_step, averager.last_update_step
-        if averager.update(step) is None:
+        every = self.distance_every_n_steps
+        if averager.update(step) is not None and every and step // every > previous // every:
+            self._distance_due = True  # a multiple of `every` lies in (previous, step]
+        # `self.log` costs about half a millisecond: call it only on the steps the loggers write.
+        if not averager.last_decays or not _loggers_write_now(trainer):
             return
         for tag, decay in zip(self._log_tags, averager.last_decays, strict=True):
             pl_module.log(f"ema/decay{tag}", decay, on_step=True, on_epoch=False, batch_size=1)
-        every = self.distance_every_n_steps
-        if every and step // every > previous // every:  # a multiple of `every` lies in (previous, step]
+        if self._distance_due:
+            self._distance_due = False
             for tag, distance in zip(self._log_tags, averager.relative_distances(), strict=True):
                 pl_module.log(f"ema/distance{tag}", distance, on_step=True, on_epoch=False, batch_size=1)
 
@@ -464,6 +471,18 @@ def _refuse_unsupported_strategy(strategy: object) -> None:
             "flattened or partitioned parameters. Use `ModelParallelStrategy` with `fully_shard` in "
             "`configure_model` (FSDP2) or a DDP strategy instead."
         )
+
+
+def _loggers_write_now(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer's loggers will write this training batch's step metrics.
+
+    Evaluated in ``on_train_batch_end``, Lightning's own ``should_update_logs`` gives the answer it will use a moment
+    later, when it writes the step metrics (its step counter advances only after that).
+    """
+    if not trainer.loggers:
+        return False
+    connector = getattr(trainer, "_logger_connector", None)
+    return connector is None or bool(connector.should_update_logs) or bool(getattr(trainer, "fast_dev_run", False))
 
 
 def _ema_callbacks(trainer: pl.Trainer) -> list[EMACallback]:

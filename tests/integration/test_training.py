@@ -187,12 +187,33 @@ def test_decay_is_logged_through_the_logger(tmp_path) -> None:
         assert value == pytest.approx(min(0.999, (1 + t) / (10 + t)), rel=1e-6)
 
 
-def test_several_callbacks_log_under_distinct_names() -> None:
+def test_several_callbacks_log_under_distinct_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning.pytorch.loggers import CSVLogger
+
     first, second = EMACallback(decay=0.9), EMACallback(decay=0.99, evaluate="raw")
-    trainer = L.Trainer(callbacks=[first, second], max_epochs=1, **trainer_kwargs())
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = L.Trainer(callbacks=[first, second], max_epochs=1, **trainer_kwargs(logger=logger, log_every_n_steps=1))
     trainer.fit(TinyClassifier(), make_loader())
-    assert trainer.callback_metrics["ema/decay/0"].item() == pytest.approx(0.9)
-    assert trainer.callback_metrics["ema/decay/1"].item() == pytest.approx(0.99)
+    assert trainer.logged_metrics["ema/decay/0"].item() == pytest.approx(0.9)
+    assert trainer.logged_metrics["ema/decay/1"].item() == pytest.approx(0.99)
+
+
+def test_decay_is_logged_only_on_the_steps_loggers_write(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="run")
+    callback = EMACallback(decay=0.9, every_n_steps=3, distance_every_n_steps=2)
+    trainer = L.Trainer(callbacks=[callback], max_epochs=3, **trainer_kwargs(logger=logger, log_every_n_steps=5))
+    trainer.fit(TinyClassifier(), make_loader())
+    with open(trainer.logger.log_dir + "/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # Lightning writes after steps 5, 10, 15, 20 (CSV step = step - 1): every 5th, whatever the update interval
+    decay_steps = [int(row["step"]) for row in rows if row.get("ema/decay")]
+    distance_steps = [int(row["step"]) for row in rows if row.get("ema/distance")]
+    assert decay_steps == [4, 9, 14, 19]
+    assert distance_steps == [4, 9, 14, 19]
 
 
 def test_bf16_weights_with_decay_0_9999_still_move_the_ema() -> None:
