@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_ema._validate import check_bool, check_choice, check_int
 from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
-from lightning_ema.checkpoint import FORMAT, VERSION, ema_states, load_sharded_ema, shard_key
+from lightning_ema.checkpoint import FORMAT, VERSION, config_changes, ema_states, load_sharded_ema, shard_key
 from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
 from lightning_ema.mean_teacher import MeanTeacherModule
 from lightning_ema.schedules import ConstantDecay, DecaySchedule
@@ -415,9 +415,8 @@ class EMACallback(Callback):
         saved = dict(state_dict.get("config", {}))
         if "decay" in saved:  # version 1 described its single schedule under "decay"
             saved["decays"] = [saved.pop("decay")]
-        changed = {key: (saved.get(key), value) for key, value in self._config().items() if saved.get(key) != value}
-        if changed:
-            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        details = config_changes(saved, self._config())
+        if details:
             rank_zero_warn(
                 f"Resuming an EMA saved with a different configuration ({details}); the saved EMA continues"
                 " with the new settings.",

@@ -38,6 +38,7 @@ __all__ = [
     "FORMAT",
     "SHARD_PREFIX",
     "VERSION",
+    "config_changes",
     "decays_of",
     "ema_states",
     "emas_of",
@@ -97,6 +98,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
     if not isinstance(checkpoint, dict):
         raise ValueError(f"A checkpoint must be a dict, got {type(checkpoint).__name__} from {str(path)!r}.")
     return checkpoint
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Describe the settings that differ between a saved configuration and the current one (``None``: same)."""
+    changed = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in current.items() if saved.get(key) != value]
+    return ", ".join(changed) or None
 
 
 def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing_extensions import Self, override
 
 from lightning_ema._validate import check_choice
 from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
+from lightning_ema.checkpoint import config_changes
 from lightning_ema.schedules import (
     ConstantDecay,
     CosineDecay,
@@ -402,10 +403,8 @@ class MeanTeacherModule(pl.LightningModule):
         state = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(state, dict):
             return
-        saved = state.get("config", {})
-        changed = {key: (saved.get(key), value) for key, value in self._config().items() if saved.get(key) != value}
-        if changed:
-            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        details = config_changes(state.get("config", {}), self._config())
+        if details:
             rank_zero_warn(
                 f"Loading a teacher saved with a different configuration ({details}); it continues with the new"
                 " settings.",
