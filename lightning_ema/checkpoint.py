@@ -156,9 +156,7 @@ def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[s
         for index in range(len(state["emas"]))
         for name in state["sharded"]
     }
-    missing = sorted(
-        key for key in keys.values() if f"state_dict.{key}" not in stored or key.split("/", 3)[-1] not in live
-    )
+    missing = sorted(key for (_, name), key in keys.items() if f"state_dict.{key}" not in stored or name not in live)
     if missing:
         raise EMAStateError(
             f"The distributed checkpoint {str(path)!r} lacks EMA shards or the model their names: {missing}."
