@@ -68,10 +68,66 @@ class _Group:
     exchangeable: bool
     checked: list[Tensor] = field(default_factory=list)
     checked_names: list[str] = field(default_factory=list)
+    # With several decays: the group in cache-sized blocks, so each weight is read from memory once for all EMAs.
+    blocks: list[_Block] = field(default_factory=list)
     staging: list[Tensor] | None = None
     backup: list[Tensor] | None = field(default=None, repr=False)
     # The tensors of a bound `target` module, which are the EMA; a swap leaves stand-ins in `emas[0]`.
     target: list[Tensor] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Block:
+    """A slice of a group small enough to stay in cache while every EMA of it is updated.
+
+    ``pieces`` are (position in the group, start, stop): a whole tensor (``start`` is ``None``) or a flat chunk
+    of a large one. The weights' views are made at each update from the group's live tensor objects, so they
+    follow a re-pointed ``.data``; the EMA views are made once (the EMA's storage outlives every swap).
+    """
+
+    pieces: list[tuple[int, int | None, int | None]]
+    emas: list[list[Tensor]]
+
+    def weights(self, live: list[Tensor]) -> list[Tensor]:
+        return [live[p] if start is None else live[p].detach().view(-1)[start:stop] for p, start, stop in self.pieces]
+
+
+#: Bytes of weights per block when several decays share a pass: well inside a core's L2 + L3 share, so the
+#: weights are read from memory once and from cache by the other EMAs' kernels.
+BLOCK_BYTES = 4 * 2**20
+
+
+def _blocks(live: list[Tensor], emas: list[list[Tensor]], block_bytes: int) -> list[_Block]:
+    pieces: list[tuple[int, int | None, int | None]] = []
+    size = 0
+    blocks = []
+
+    def close() -> None:
+        nonlocal pieces, size
+        if pieces:
+            blocks.append(_Block(pieces, [[_piece(ema, piece) for piece in pieces] for ema in emas]))
+        pieces, size = [], 0
+
+    for position, tensor in enumerate(live):
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > block_bytes and tensor.is_contiguous():
+            close()
+            step = max(1, block_bytes // tensor.element_size())
+            for start in range(0, tensor.numel(), step):
+                pieces.append((position, start, min(start + step, tensor.numel())))
+                close()
+            continue
+        pieces.append((position, None, None))
+        size += nbytes
+        if size >= block_bytes:
+            close()
+    close()
+    return blocks
+
+
+def _piece(tensors: list[Tensor], piece: tuple[int, int | None, int | None]) -> Tensor:
+    position, start, stop = piece
+    return tensors[position] if start is None else tensors[position].view(-1)[start:stop]
 
 
 @dataclass(frozen=True)
@@ -334,6 +390,8 @@ class EMAAverager:
                 group.staging = [
                     torch.empty_like(e, dtype=w.dtype) for e, w in zip(group.emas[0], group.live, strict=True)
                 ]
+            elif self.num_emas > 1 and group.kind == _AVERAGE:
+                group.blocks = _blocks(group.live, group.emas, BLOCK_BYTES)
 
     # ------------------------------------------------------------------ update
     def update(self, step: int) -> float | None:
@@ -371,6 +429,12 @@ class EMAAverager:
             weights = [1.0 - schedule.interval_decay(first, step) for schedule in self.schedules]
             for group in self._groups:
                 live = group.live
+                if group.blocks:
+                    for block in group.blocks:
+                        block_weights = block.weights(live)
+                        for block_ema, weight in zip(block.emas, weights, strict=True):
+                            F.lerp_(block_ema, block_weights, weight)
+                    continue
                 if group.staging is not None:
                     F.copy_(group.staging, live)
                     live = group.staging

@@ -142,3 +142,31 @@ def test_relative_distance_is_the_closed_form() -> None:
 def test_bad_decay_lists(decay: list[float]) -> None:
     with pytest.raises(ValueError, match="`decay`"):
         EMAAverager(decay)
+
+
+@pytest.mark.parametrize("block_bytes", [40, 100, 1 << 30])
+def test_cache_blocked_update_equals_the_plain_loop(monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
+    """Blocks smaller than a tensor split it into flat chunks; blocks larger than several tensors join them."""
+    import lightning_ema.averager as averager_module
+
+    monkeypatch.setattr(averager_module, "BLOCK_BYTES", block_bytes)
+    module = make_module()
+    averager = EMAAverager([0.5, 0.9, 0.99], every_n_steps=1)
+    averager.bind(module, 0)
+    groups = [group for group in averager._groups if group.blocks]
+    assert groups, "several decays must use the blocked update"
+    if block_bytes == 40:  # 0.weight has 12 float32 elements = 48 bytes: split into chunks of 10 elements
+        assert any(start is not None for group in groups for block in group.blocks for _, start, _ in block.pieces)
+    trajectory = [{n: t.clone() for n, t in module.state_dict().items()}]
+    for step in range(1, 12):
+        perturb(module, step)
+        trajectory.append({n: t.clone() for n, t in module.state_dict().items()})
+        averager.update(step)
+        with averager.swapped(step % 3):  # swap cycles re-point .data; the blocks must still hit the right storage
+            pass
+    for index, decay in enumerate([0.5, 0.9, 0.99]):
+        expected = plain_loop(trajectory, lambda t, d=decay: d, 1, 0)
+        for name, value in expected.items():
+            assert torch.allclose(averager.ema_state_dict(index)[name].double(), value, atol=1e-6), (index, name)
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, trajectory[-1][name]), name
