@@ -144,7 +144,7 @@ class EMAAverager:
 
     Args:
         decay: a float in [0, 1), a :class:`~lightning_ema.schedules.DecaySchedule`, or a list of them: one
-            EMA per decay, all updated in the same pass over the weights.
+            EMA per decay, all updated in one pass that reads each weight from memory once (cache-sized blocks).
         every_n_steps: update after every n-th optimizer step; an update covering n steps applies the
             product of their decays.
         start_step: the first ``start_step`` optimizer steps copy the weights instead of averaging them.
