@@ -127,10 +127,8 @@ def nonfinite_mask(tensors: list[Tensor]) -> Tensor:
     the screen flags, normally none, are checked exactly with ``isfinite``: no finite tensor is ever flagged.
     Empty tensors are never flagged.
     """
-    if tensors[0].device.type == "cuda":
-        nonempty = [t for t in tensors if t.numel()]
-        if len(nonempty) == len(tensors):
-            return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))))
+    if tensors[0].device.type == "cuda" and all(t.numel() for t in tensors):
+        return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))))
     sums = torch.stack([t.sum(dtype=torch.float32) if t.dtype in _HALF else t.sum().float() for t in tensors])
     flagged = ~torch.isfinite(sums)
     if not bool(flagged.any()):

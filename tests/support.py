@@ -6,6 +6,8 @@ The reference EMA is a plain Python loop in float64 over recorded weights; it ne
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -135,6 +137,22 @@ def assert_close_to_reference(actual: dict[str, Tensor], expected: dict[str, Ten
         assert error <= atol + 1e-5 * value.abs().max().item(), f"{name}: max error {error}"
 
 
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file read as users would: on the CPU, weights_only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class CrashAtEpochStart(L.Callback):
+    """Simulates a crash (a RuntimeError) when training epoch ``epoch`` begins."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
 def trainer_kwargs(**overrides: object) -> dict[str, object]:
     kwargs: dict[str, object] = dict(
         accelerator="cpu",
@@ -159,10 +177,12 @@ def constant_decay(decay: float) -> Callable[[int], float]:
 
 
 __all__ = [
+    "CrashAtEpochStart",
     "TinyClassifier",
     "WeightRecorder",
     "assert_close_to_reference",
     "constant_decay",
+    "load",
     "make_data",
     "make_loader",
     "reference_ema",

@@ -14,10 +14,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from support import (
+    CrashAtEpochStart,
     TinyClassifier,
     WeightRecorder,
     assert_close_to_reference,
     constant_decay,
+    load,
     make_loader,
     reference_ema,
     snapshot,
@@ -47,10 +49,6 @@ def run_fit(
     trainer = L.Trainer(callbacks=callbacks, max_epochs=max_epochs, **trainer_kwargs(**kwargs))
     trainer.fit(model, make_loader(), make_loader(n=16), ckpt_path=ckpt_path)
     return trainer
-
-
-def load(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def clone(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -86,17 +84,6 @@ def raw_at(recorder: WeightRecorder, step: int) -> dict[str, Tensor]:
 def reference_at(recorder: WeightRecorder, step: int, decay_at, **kwargs) -> dict[str, Tensor]:
     upto = recorder.steps.index(step) + 1
     return reference_ema(recorder.initial, recorder.steps[:upto], recorder.states[:upto], decay_at, **kwargs)
-
-
-class CrashAtEpochStart(L.Callback):
-    """Simulates a crash (a RuntimeError) when training epoch ``epoch`` begins."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def crash_after_two_epochs(tmp_path: Path, callbacks: list[L.Callback], **kwargs: object) -> Path:

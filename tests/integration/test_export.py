@@ -17,7 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
-from support import TinyClassifier, make_loader, trainer_kwargs
+from support import TinyClassifier, load, make_loader, trainer_kwargs
 from torch import Tensor
 
 from lightning_ema import EMACallback, load_ema_state_dict
@@ -59,10 +59,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
         double_keys=(first.state_key, second.state_key),
         plain=plain,
     )
-
-
-def load(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def expected_weights(checkpoint: dict, state_key: str) -> dict[str, Tensor]:

@@ -17,8 +17,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from support import (
+    CrashAtEpochStart,
     assert_close_to_reference,
     constant_decay,
+    load,
     make_loader,
     reference_ema,
     snapshot,
@@ -164,10 +166,6 @@ def prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def far_apart(first: dict[str, Tensor], second: dict[str, Tensor], name: str = "0.weight") -> bool:
     return (first[name].double() - second[name].double()).abs().max().item() > 1e-4
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------- the teacher
@@ -467,15 +465,6 @@ def test_a_schedule_saved_with_the_hyperparameters_loads_with_weights_only(tmp_p
     resumed = SavesSchedule()
     trainer, _ = fit(resumed, max_epochs=2, ckpt_path=path)
     assert resumed.num_teacher_updates == trainer.global_step == 2 * STEPS_PER_EPOCH
-
-
-class CrashAtEpochStart(L.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 RESUME_CASES = {
