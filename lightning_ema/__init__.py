@@ -5,9 +5,10 @@ in checkpoints and exports it for inference; ``MeanTeacherModule`` gives a Light
 EMA of its student. Schedules live in :mod:`lightning_ema.schedules`.
 """
 
-from lightning_ema.averager import EMAAverager, EMAStateError, NonFiniteUpdateError
+from lightning_ema.averager import EMAAverager
 from lightning_ema.callback import EMACallback
 from lightning_ema.checkpoint import export_ema, load_ema_state_dict
+from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
 from lightning_ema.mean_teacher import MeanTeacherModule
 
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from lightning_ema._validate import (
     parse_dtype,
     parse_patterns,
 )
+from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
 from lightning_ema.schedules import DecaySchedule, as_schedule
 
 __all__ = ["EMAAverager", "EMAStateError", "NonFiniteUpdateError", "as_schedules"]
@@ -46,14 +47,6 @@ def as_schedules(decay: Any, name: str = "decay") -> tuple[DecaySchedule, ...]:
             raise ValueError(f"`{name}` must list distinct decays, got {decay!r}.")
         return schedules
     return (as_schedule(decay, name),)
-
-
-class EMAStateError(ValueError):
-    """An EMA state does not fit the module it is loaded into; nothing was loaded."""
-
-
-class NonFiniteUpdateError(FloatingPointError):
-    """An update was refused because a weight holds NaN or infinity."""
 
 
 @dataclass

@@ -145,7 +145,7 @@ def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[s
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    from lightning_ema.averager import EMAStateError
+    from lightning_ema.errors import EMAStateError
     from lightning_ema.sharding import reshard_all
 
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
