@@ -210,11 +210,12 @@ class EMA:
                 f"and dtypes, got target={type(target).__name__} with device={config.device!r}, "
                 f"dtype={config.dtype!r} and {len(config.schedules)} decays."
             )
-        lazy = [name for name, p in module.named_parameters() if nn.parameter.is_lazy(p)]
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        lazy = [name for name, tensor in tensors if nn.parameter.is_lazy(tensor)]
         if lazy:
             raise EMAStateError(
-                f"The module has uninitialized (lazy) parameters {lazy[:5]}: run one forward pass to materialise "
-                "them before creating its EMA."
+                f"The module has uninitialized (lazy) parameters or buffers {lazy[:5]}: run one forward pass to "
+                "materialise them before creating its EMA."
             )
         self.config = config
         self._policy = config.policy
