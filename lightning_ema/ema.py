@@ -293,6 +293,10 @@ class EMA:
         """The layout of every tracked name whose weight is a DTensor; its EMA tensors are local shards."""
         return dict(self._sharding)
 
+    def count_steps_from(self, step: int) -> None:
+        """Keep the EMA but count optimizer steps from ``step`` on (a state saved under another step numbering)."""
+        self.last_update_step = self._step = check_int("step", step, 0)
+
     # ------------------------------------------------------------------ binding checks
     def refresh(self) -> list[str]:
         """Pair the EMA again with the module's tensors by name if any were replaced; return the names that were.
