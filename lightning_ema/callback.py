@@ -307,6 +307,7 @@ class EMACallback(Callback):
             fitting = trainer.state.fn == "fit"
             if loaded is not None:
                 self._ema, self._handover = self._load(trainer, pl_module, loaded), None
+                self._fit_trainer = None  # a later `fit` without `ckpt_path` does not continue a loaded EMA
             elif fitting:
                 self._resolve_fit(trainer, pl_module)
             elif self._ema is None and self._handover is not None:
