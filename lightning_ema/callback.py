@@ -155,6 +155,7 @@ class EMACallback(Callback):
         self._owner_pid = os.getpid()
         self._handover_path = Path(tempfile.gettempdir()) / f"lightning_ema-{self._owner_pid}-{uuid.uuid4().hex}.pt"
         self._handover: dict[str, Any] | None = None
+        weakref.finalize(self, _remove_if_owner, self._handover_path, self._owner_pid)
 
     # ------------------------------------------------------------------ public state
     @property
@@ -749,3 +750,10 @@ def _label(schedule: DecaySchedule, index: int) -> str:
 def _digest(tensors: dict[str, Tensor]) -> dict[str, float]:
     """A float64 sum per floating-point tensor: enough to recognise the weights a spawned ``fit`` ended with."""
     return {name: float(t.detach().double().sum()) for name, t in tensors.items() if t.is_floating_point()}
+
+
+def _remove_if_owner(path: Path, owner_pid: int) -> None:
+    """Delete a hand-over file nobody read, from the process that made the callback only."""
+    if os.getpid() == owner_pid:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".part").unlink(missing_ok=True)
