@@ -17,7 +17,17 @@ from lightning_ema import functional as F
 from lightning_ema import sharding as S
 from lightning_ema.errors import EMAStateError
 
-__all__ = ["AVERAGE", "COPY", "Selected", "align_names", "fingerprint", "localize", "select", "target_tensors"]
+__all__ = [
+    "AVERAGE",
+    "COPY",
+    "Selected",
+    "align_names",
+    "fingerprint",
+    "localize",
+    "select",
+    "target_tensors",
+    "unmatched_patterns",
+]
 
 #: How a selected tensor enters the EMA: averaged (floating point), or copied (integers, ``buffers="copy"``).
 AVERAGE, COPY = "average", "copy"
@@ -75,6 +85,14 @@ def select(
         else:
             selected.append(Selected(tuple(names), tensor, kind, key not in parameters))
     return selected
+
+
+def unmatched_patterns(module: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """Return the glob patterns that match no canonical ``state_dict`` name of ``module`` (a typo, most often)."""
+    import fnmatch
+
+    names = [F.canonical_name(name) for name in module.state_dict()]
+    return [pattern for pattern in patterns or () if not fnmatch.filter(names, pattern)]
 
 
 def fingerprint(module: nn.Module) -> dict[str, tuple[Any, ...]]:

@@ -32,7 +32,7 @@ from lightning_ema import functional as F
 from lightning_ema import sharding as S
 from lightning_ema._groups import Storage
 from lightning_ema._policy import StepPolicy
-from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors
+from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors, unmatched_patterns
 from lightning_ema._validate import check_choice, check_int, parse_device, parse_dtype, parse_patterns
 from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
 from lightning_ema.schedules import DecaySchedule, as_schedule
@@ -228,6 +228,15 @@ class EMA:
         #: The decay of each EMA at the last update (``0.0`` for a copy).
         self.last_decays: tuple[float, ...] = ()
         self._storage = self._build(None)
+        for argument, patterns in (("include", config.include), ("exclude", config.exclude)):
+            unmatched = unmatched_patterns(module, patterns)
+            if unmatched:
+                warnings.warn(
+                    f"`{argument}` pattern(s) {unmatched} match no state_dict name of the module (names are matched "
+                    f"without wrapper prefixes, e.g. {list(map(F.canonical_name, module.state_dict()))[:3]!r}).",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def _build(self, sources: Sequence[Mapping[str, Tensor]] | None) -> Storage:
         """Select the module's tensors and allocate their storage (from ``sources`` by name, or the weights)."""
@@ -294,6 +303,10 @@ class EMA:
         """The layout of every tracked name whose weight is a DTensor; its EMA tensors are local shards."""
         return dict(self._sharding)
 
+    def count_steps_from(self, step: int) -> None:
+        """Keep the EMA but count optimizer steps from ``step`` on (a state saved under another step numbering)."""
+        self.last_update_step = self._step = check_int("step", step, 0)
+
     # ------------------------------------------------------------------ binding checks
     def refresh(self) -> list[str]:
         """Pair the EMA again with the module's tensors by name if any were replaced; return the names that were.
@@ -308,6 +321,8 @@ class EMA:
         """
         if self.is_swapped:
             return []
+        if self._sharding:
+            S.reshard_all(self._module)  # after validation an FSDP2 root holds unsharded stand-ins
         now = self._fingerprint_now()
         if now == self._fingerprint:
             return []
