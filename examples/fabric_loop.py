@@ -1,6 +1,6 @@
 """A Lightning Fabric training loop on scikit-learn's bundled digits, with an EMA of the weights kept by ``EMA``.
 
-    python examples/fabric_loop.py                     # a few seconds on two CPU cores
+    python examples/fabric_loop.py                     # 5 to 25 s on two CPU cores
     python examples/fabric_loop.py --checkpoint run.ckpt
 
 No callbacks in a Fabric loop: the loop calls ``ema.update()`` after each optimizer step and evaluates inside

@@ -1035,8 +1035,8 @@ def test_constructor_defaults_and_accepted_values() -> None:
     assert config.include is None and config.exclude is None
     assert model_ema.schedule(1) == 0.9999 and model_ema.num_emas == 1
     assert model_ema.num_updates == 0 and model_ema.step == 0 and not model_ema.is_swapped
-    model_ema = EMA(Net(), 0, include="fc.*", exclude=("bn.*", "x"), dtype="bfloat16", every_n_steps=2)
+    model_ema = EMA(Net(), 0, include="fc.*", exclude=("bn.*", "frozen"), dtype="bfloat16", every_n_steps=2)
     config = model_ema.config
-    assert config.include == ("fc.*",) and config.exclude == ("bn.*", "x")
+    assert config.include == ("fc.*",) and config.exclude == ("bn.*", "frozen")
     assert config.dtype == torch.bfloat16
     assert model_ema.schedule(5) == 0.0
