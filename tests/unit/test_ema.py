@@ -511,3 +511,16 @@ def test_a_module_declares_tensors_that_are_averages_already_through_ema_exclude
         "student.out.bias",
         "student.out.weight",
     ]
+
+
+def test_a_sharded_state_is_refused_on_another_rank() -> None:
+    """A state recording rank 1's local shards cannot load here (one process: rank 0 of 1)."""
+    module = torch.nn.Linear(2, 2)
+    ema = EMA(module, 0.9)
+    state = ema.state_dict()
+    state["shard"] = {"rank": 1, "world_size": 2}
+    before = {k: v.clone() for k, v in ema.ema_state_dict().items()}
+    with pytest.raises(EMAStateError, match=r"rank 1 of 2, but this is rank 0 of 1"):
+        ema.load_state_dict(state)
+    for name, tensor in before.items():
+        assert torch.equal(ema.ema_state_dict()[name], tensor)
