@@ -5,15 +5,20 @@ An exponential moving average (EMA) of the weights ``w_t`` is updated as::
     ema_t = decay_t * ema_{t-1} + (1 - decay_t) * w_t
 
 where ``ema_0`` is a copy of the initial weights. A *schedule* maps ``step``, the number of optimizer
-steps done so far (``t = 1, 2, ...``), to ``decay_t`` in ``[0, 1)``: the update made right after the
+steps done so far (``t = 1, 2, ...``), to ``decay_t`` in ``[0, 1]``: the update made right after the
 ``t``-th optimizer step uses ``schedule(t)``. A decay of ``0`` copies the weights into the average; a
-decay close to ``1`` averages over roughly ``1 / (1 - decay)`` steps.
+decay close to ``1`` averages over roughly ``1 / (1 - decay)`` steps, and a decay of ``1`` leaves the average
+as it is. A schedule may reach ``1`` (BYOL's and DINO's teachers end there); a constant decay may not, since it
+would never move the average.
 
 When the average is updated only every few optimizer steps, the update that covers steps ``a..b``
 uses :meth:`DecaySchedule.interval_decay`, the product ``schedule(a) * ... * schedule(b)``, so that
 the average keeps the same time constant (measured in optimizer steps) whatever the update interval.
 
-Schedules are small, picklable objects with plain attributes. :meth:`DecaySchedule.config` describes
+Schedules are small, picklable objects with plain attributes. :meth:`DecaySchedule.validate` checks and
+normalises them (each real-valued argument is stored as a ``float``, so ``WarmupDecay(0.99, 10)`` and
+``WarmupDecay(0.99, 10.0)`` are one configuration); constructors, :func:`as_schedule` and unpickling all call it,
+so a schedule read from a checkpoint is checked like one built in code. :meth:`DecaySchedule.config` describes
 one with plain values, which is what checkpoints store to tell whether the schedule changed between a
 run and its resumption, and what ``__eq__``, ``__hash__`` and ``__repr__`` are built on.
 
@@ -23,10 +28,11 @@ This module imports only the standard library.
 from __future__ import annotations
 
 import abc
+import ast
 import inspect
 import math
 import numbers
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 __all__ = [
     "ConfigValue",
@@ -39,6 +45,7 @@ __all__ = [
     "PowerDecay",
     "WarmupDecay",
     "as_schedule",
+    "normalize_repr",
 ]
 
 ConfigValue = float | int | str | None
@@ -49,7 +56,15 @@ ConfigValue = float | int | str | None
 _MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 _SIGMA_REL_SLACK = 1e-15
 
-_MISSING = object()
+
+class _Missing:
+    """Stands for a field that a schedule object lacks (one unpickled from a crafted file, for instance)."""
+
+    def __repr__(self) -> str:
+        return "nothing (the attribute is missing)"
+
+
+_MISSING: Any = _Missing()
 _NAMED_PARAMETER_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
@@ -73,14 +88,10 @@ def _is_real(value: object) -> TypeGuard[numbers.Real]:
     """Whether ``value`` is a finite real number (bools excluded)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    return math.isfinite(float(value))
-
-
-def _plain_number(value: numbers.Real) -> float:
-    """Convert a checked real number to a plain Python ``int`` (integers) or ``float`` (the rest)."""
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    return float(value)
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _freeze_hint(value: object) -> str | None:
@@ -96,11 +107,18 @@ def _check_unit_interval(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_closed_unit_interval(name: str, value: object) -> float:
+    """Check a decay that a schedule may reach, in ``[0, 1]``, and return it as a ``float``."""
+    if not _is_real(value) or not 0.0 <= float(value) <= 1.0:
+        raise _error(name, "a float in [0, 1]", value)
+    return float(value)
+
+
 def _check_positive(name: str, value: object) -> float:
-    """Check a finite number ``> 0`` and return it as a plain ``int`` or ``float``."""
+    """Check a finite number ``> 0`` and return it as a ``float``."""
     if not _is_real(value) or not float(value) > 0.0:
         raise _error(name, "a finite number > 0", value)
-    return _plain_number(value)
+    return float(value)
 
 
 def _check_step(step: object, name: str = "step") -> int:
@@ -123,12 +141,34 @@ def _check_interval(first_step: object, last_step: object) -> tuple[int, int]:
 
 
 class DecaySchedule(abc.ABC):
-    """Base class of the decay schedules: maps optimizer step ``t >= 1`` to a decay in ``[0, 1)``.
+    """Base class of the decay schedules: maps optimizer step ``t >= 1`` to a decay in ``[0, 1]``.
 
     Subclasses implement :meth:`__call__` and store each constructor argument in an attribute of the
     same name (so that the default :meth:`config` can describe them); they may override
-    :meth:`interval_decay` with a closed form.
+    :meth:`interval_decay` with a closed form, and :meth:`validate` to check their attributes.
     """
+
+    def validate(self) -> None:  # noqa: B027 - a hook with a default, not an abstract method
+        """Check the schedule's attributes and normalise them in place; raise ``ValueError`` if one is invalid.
+
+        The built-in schedules' constructors store their arguments and call it; :func:`as_schedule` calls it for
+        a schedule object it is given, and unpickling calls it (``torch.load`` of a checkpoint whose
+        hyper-parameters hold a schedule), so that no path delivers a schedule its constructor would refuse. The
+        base class checks nothing: override it in a schedule of your own.
+
+        Raises:
+            ValueError: if an attribute is invalid; the message names it and its value.
+        """
+
+    def __setstate__(self, state: object) -> None:
+        """Restore a pickled schedule and :meth:`validate` it, as the constructor would."""
+        if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+            raise ValueError(f"A pickled {type(self).__name__} must hold a dict of attributes, got {state!r}.")
+        self.__dict__.update(state)
+        try:
+            self.validate()
+        except ValueError as error:
+            raise ValueError(f"A saved {type(self).__name__} is invalid: {error}") from error
 
     @abc.abstractmethod
     def __call__(self, step: int) -> float:
@@ -138,7 +178,7 @@ class DecaySchedule(abc.ABC):
             step: number of optimizer steps done, an integer ``>= 1``.
 
         Returns:
-            The decay, in ``[0, 1)``.
+            The decay, in ``[0, 1]``.
 
         Raises:
             ValueError: if ``step`` is not an integer ``>= 1``.
@@ -247,7 +287,12 @@ class ConstantDecay(DecaySchedule):
     """
 
     def __init__(self, decay: float) -> None:
-        self.decay = _check_unit_interval("decay", decay)
+        self.decay = decay
+        self.validate()
+
+    def validate(self) -> None:
+        """Check that ``decay`` is in ``[0, 1)`` (see :meth:`DecaySchedule.validate`)."""
+        self.decay = _check_unit_interval("decay", getattr(self, "decay", _MISSING))
 
     def __call__(self, step: int) -> float:
         """Return ``decay`` (see :meth:`DecaySchedule.__call__`)."""
@@ -275,10 +320,17 @@ class HalfLifeDecay(DecaySchedule):
     0.999307
     >>> round(schedule.interval_decay(1, 1000), 6)
     0.5
+    >>> schedule
+    HalfLifeDecay(half_life=1000.0)
     """
 
     def __init__(self, half_life: float) -> None:
-        self.half_life = _check_positive("half_life", half_life)
+        self.half_life = half_life
+        self.validate()
+
+    def validate(self) -> None:
+        """Check that ``half_life`` is a finite number ``> 0`` (see :meth:`DecaySchedule.validate`)."""
+        self.half_life = _check_positive("half_life", getattr(self, "half_life", _MISSING))
 
     @property
     def decay(self) -> float:
@@ -312,13 +364,22 @@ class WarmupDecay(DecaySchedule):
     >>> schedule = WarmupDecay(decay=0.999, warmup=10)
     >>> [round(schedule(t), 4) for t in (1, 10, 100, 10_000)]
     [0.1818, 0.55, 0.9182, 0.999]
+    >>> schedule == WarmupDecay(0.999, 10.0), schedule
+    (True, WarmupDecay(decay=0.999, warmup=10.0))
     """
 
     def __init__(self, decay: float, warmup: float = 10) -> None:
-        self.decay = _check_unit_interval("decay", decay)
+        self.decay = decay
+        self.warmup = warmup
+        self.validate()
+
+    def validate(self) -> None:
+        """Check ``decay`` in ``[0, 1)`` and ``warmup >= 1`` (see :meth:`DecaySchedule.validate`)."""
+        self.decay = _check_unit_interval("decay", getattr(self, "decay", _MISSING))
+        warmup = getattr(self, "warmup", _MISSING)
         if not _is_real(warmup) or not float(warmup) >= 1.0:
             raise _error("warmup", "a finite number >= 1", warmup, "warmup=1 gives a constant decay.")
-        self.warmup = _plain_number(warmup)
+        self.warmup = float(warmup)
 
     def __call__(self, step: int) -> float:
         """Return ``min(decay, (1 + step) / (warmup + step))`` (see :meth:`DecaySchedule.__call__`)."""
@@ -359,9 +420,18 @@ class PowerDecay(DecaySchedule):
         power: float = 2 / 3,
         min_decay: float = 0.0,
     ) -> None:
-        self.decay = _check_unit_interval("decay", decay)
-        self.inv_gamma = _check_positive("inv_gamma", inv_gamma)
-        self.power = _check_positive("power", power)
+        self.decay = decay
+        self.inv_gamma = inv_gamma
+        self.power = power
+        self.min_decay = min_decay
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every argument's range (see :meth:`DecaySchedule.validate`)."""
+        self.decay = _check_unit_interval("decay", getattr(self, "decay", _MISSING))
+        self.inv_gamma = _check_positive("inv_gamma", getattr(self, "inv_gamma", _MISSING))
+        self.power = _check_positive("power", getattr(self, "power", _MISSING))
+        min_decay = getattr(self, "min_decay", _MISSING)
         if not _is_real(min_decay) or not 0.0 <= float(min_decay) <= self.decay:
             raise _error("min_decay", f"a float in [0, decay] = [0, {self.decay!r}]", min_decay)
         self.min_decay = float(min_decay)
@@ -399,8 +469,14 @@ class ExponentialRampDecay(DecaySchedule):
     """
 
     def __init__(self, decay: float = 0.9998, gamma: float = 2000) -> None:
-        self.decay = _check_unit_interval("decay", decay)
-        self.gamma = _check_positive("gamma", gamma)
+        self.decay = decay
+        self.gamma = gamma
+        self.validate()
+
+    def validate(self) -> None:
+        """Check ``decay`` in ``[0, 1)`` and ``gamma > 0`` (see :meth:`DecaySchedule.validate`)."""
+        self.decay = _check_unit_interval("decay", getattr(self, "decay", _MISSING))
+        self.gamma = _check_positive("gamma", getattr(self, "gamma", _MISSING))
 
     def __call__(self, step: int) -> float:
         """Return ``decay * (1 - exp(-(1 + step) / gamma))`` (see :meth:`DecaySchedule.__call__`)."""
@@ -414,22 +490,40 @@ class CosineDecay(DecaySchedule):
 
     ``decay_t = end - (end - start) * (cos(pi * min(t, total_steps) / total_steps) + 1) / 2``: ``start``
     at ``t = 0``, ``end`` from ``t = total_steps`` on. This is the momentum-teacher schedule of BYOL
-    (Grill et al., 2020) and DINO (Caron et al., 2021), which go from 0.996 towards 1; here ``end`` is
-    below 1 so that the teacher keeps learning.
+    (Grill et al., 2020) and DINO (Caron et al., 2021), which go from 0.996 to exactly 1 over the whole run:
+    with ``end=1`` the average stops moving from ``t = total_steps`` on (updates leave it bit for bit as it is).
 
     Args:
-        start: the decay at ``t = 0``, in ``[0, 1)``.
-        end: the decay from ``t = total_steps`` on, in ``[0, 1)``; may be below ``start``.
+        start: the decay at ``t = 0``, in ``[0, 1]``.
+        end: the decay from ``t = total_steps`` on, in ``[0, 1]``; may be below ``start``. ``start`` and ``end``
+            cannot both be 1: that constant decay would never move the average.
         total_steps: the length of the ramp in optimizer steps, an integer ``>= 1``.
 
     >>> schedule = CosineDecay(start=0.996, end=0.9999, total_steps=1000)
     >>> [round(schedule(t), 6) for t in (1, 500, 1000, 5000)]
     [0.996, 0.99795, 0.9999, 0.9999]
+    >>> CosineDecay(start=0.996, end=1.0, total_steps=1000)(1000)
+    1.0
     """
 
     def __init__(self, start: float, end: float, total_steps: int) -> None:
-        self.start = _check_unit_interval("start", start)
-        self.end = _check_unit_interval("end", end)
+        self.start = start
+        self.end = end
+        self.total_steps = total_steps
+        self.validate()
+
+    def validate(self) -> None:
+        """Check ``start`` and ``end`` in ``[0, 1]``, not both 1, and ``total_steps >= 1``."""
+        self.start = _check_closed_unit_interval("start", getattr(self, "start", _MISSING))
+        self.end = _check_closed_unit_interval("end", getattr(self, "end", _MISSING))
+        if self.start == self.end == 1.0:
+            raise _error(
+                "end",
+                "below 1 when `start` is 1",
+                self.end,
+                "A decay of 1 at every step would freeze the average at its initial value.",
+            )
+        total_steps = getattr(self, "total_steps", _MISSING)
         if not _is_integer(total_steps) or int(total_steps) < 1:
             raise _error("total_steps", "an integer >= 1", total_steps)
         self.total_steps = int(total_steps)
@@ -511,16 +605,22 @@ class KarrasDecay(DecaySchedule):
     """
 
     def __init__(self, gamma: float | None = None, sigma_rel: float | None = None) -> None:
-        if (gamma is None) == (sigma_rel is None):
+        self._gamma_argument = gamma
+        self._sigma_rel_argument = sigma_rel
+        self.validate()
+
+    def validate(self) -> None:
+        """Check that exactly one valid argument was given, and derive the other (see the base class)."""
+        gamma = getattr(self, "_gamma_argument", _MISSING)
+        sigma_rel = getattr(self, "_sigma_rel_argument", _MISSING)
+        if (gamma is None) == (sigma_rel is None) or _MISSING in (gamma, sigma_rel):
             raise ValueError(
                 f"Exactly one of `gamma` and `sigma_rel` must be given, got gamma={gamma!r}, sigma_rel={sigma_rel!r}."
             )
-        self._gamma_argument: float | None = None
-        self._sigma_rel_argument: float | None = None
         if gamma is not None:
             if not _is_real(gamma) or not float(gamma) >= 0.0:
                 raise _error("gamma", "a finite number >= 0", gamma)
-            self._gamma_argument = _plain_number(gamma)
+            self._gamma_argument = float(gamma)
             self.gamma: float = float(gamma)
             self.sigma_rel: float = _sigma_rel_from_gamma(self.gamma)
         else:
@@ -572,6 +672,10 @@ class KarrasDecay(DecaySchedule):
 def as_schedule(decay: float | DecaySchedule, name: str = "decay") -> DecaySchedule:
     """Return ``decay`` as a schedule: a float becomes a :class:`ConstantDecay`.
 
+    A schedule object is checked with :meth:`DecaySchedule.validate` and returned as is, so that one whose
+    attributes were set behind its constructor's back (edited, or unpickled from a crafted file) is refused here
+    too.
+
     Args:
         decay: a float in ``[0, 1)`` or a :class:`DecaySchedule` (returned as is).
         name: the argument name used in the error message, e.g. ``"teacher_decay"``.
@@ -580,16 +684,60 @@ def as_schedule(decay: float | DecaySchedule, name: str = "decay") -> DecaySched
         The schedule.
 
     Raises:
-        ValueError: if ``decay`` is neither a float in ``[0, 1)`` nor a :class:`DecaySchedule`.
+        ValueError: if ``decay`` is neither a float in ``[0, 1)`` nor a valid :class:`DecaySchedule`.
 
     >>> as_schedule(0.999)
     ConstantDecay(decay=0.999)
     >>> as_schedule(WarmupDecay(decay=0.999))
-    WarmupDecay(decay=0.999, warmup=10)
+    WarmupDecay(decay=0.999, warmup=10.0)
     """
     if isinstance(decay, DecaySchedule):
+        try:
+            decay.validate()
+        except ValueError as error:
+            raise ValueError(f"`{name}` must be a valid schedule, got a {type(decay).__name__} with {error}") from error
         return decay
     if _is_real(decay) and 0.0 <= float(decay) < 1.0:
         return ConstantDecay(float(decay))
     what = "a float in [0, 1) or a DecaySchedule from lightning_ema.schedules"
     raise _error(name, what, decay, _freeze_hint(decay))
+
+
+_BUILT_IN: dict[str, type[DecaySchedule]] = {
+    cls.__name__: cls
+    for cls in (
+        ConstantDecay,
+        CosineDecay,
+        ExponentialRampDecay,
+        HalfLifeDecay,
+        KarrasDecay,
+        PowerDecay,
+        WarmupDecay,
+    )
+}
+
+
+def normalize_repr(text: str) -> str:
+    """Return the ``repr`` that today's code gives the built-in schedule described by ``text``.
+
+    Checkpoints store schedules by ``repr``, and older versions wrote the arguments as given
+    (``WarmupDecay(decay=0.99, warmup=10)``) where today's normalised form is ``warmup=10.0``. The text is parsed,
+    never evaluated: only a call of a built-in schedule with literal keyword arguments is rebuilt. Anything else
+    (a schedule of your own, a value that is not a schedule) comes back unchanged.
+
+    >>> normalize_repr("WarmupDecay(decay=0.99, warmup=10)")
+    'WarmupDecay(decay=0.99, warmup=10.0)'
+    >>> normalize_repr("MySchedule(scale=2)")
+    'MySchedule(scale=2)'
+    """
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+            return text
+        cls = _BUILT_IN.get(call.func.id)
+        if cls is None or any(keyword.arg is None for keyword in call.keywords):
+            return text
+        arguments = {str(keyword.arg): ast.literal_eval(keyword.value) for keyword in call.keywords}
+        return repr(cls(**arguments))
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return text

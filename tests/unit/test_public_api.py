@@ -33,6 +33,7 @@ def test_schedule_names() -> None:
         "PowerDecay",
         "WarmupDecay",
         "as_schedule",
+        "normalize_repr",
     }
 
 

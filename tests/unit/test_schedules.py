@@ -382,15 +382,16 @@ def test_karras_sigma_rel_range() -> None:
 
 def test_repr_and_config() -> None:
     schedule = WarmupDecay(decay=0.999, warmup=10)
-    assert repr(schedule) == "WarmupDecay(decay=0.999, warmup=10)"
-    assert schedule.config() == {"class": "WarmupDecay", "decay": 0.999, "warmup": 10}
+    assert repr(schedule) == "WarmupDecay(decay=0.999, warmup=10.0)"
+    assert schedule.config() == {"class": "WarmupDecay", "decay": 0.999, "warmup": 10.0}
     assert repr(ConstantDecay(0.9)) == "ConstantDecay(decay=0.9)"
-    assert repr(HalfLifeDecay(500)) == "HalfLifeDecay(half_life=500)"
+    assert repr(HalfLifeDecay(500)) == "HalfLifeDecay(half_life=500.0)"
     assert repr(PowerDecay()) == "PowerDecay(decay=0.9999, inv_gamma=1.0, power=0.6666666666666666, min_decay=0.0)"
-    assert repr(ExponentialRampDecay()) == "ExponentialRampDecay(decay=0.9998, gamma=2000)"
+    assert repr(ExponentialRampDecay()) == "ExponentialRampDecay(decay=0.9998, gamma=2000.0)"
     assert repr(CosineDecay(0.996, 0.9999, 100)) == "CosineDecay(start=0.996, end=0.9999, total_steps=100)"
+    assert repr(CosineDecay(0.996, 1, 100)) == "CosineDecay(start=0.996, end=1.0, total_steps=100)"
     assert repr(KarrasDecay(sigma_rel=0.05)) == "KarrasDecay(sigma_rel=0.05)"
-    assert repr(KarrasDecay(gamma=7)) == "KarrasDecay(gamma=7)"
+    assert repr(KarrasDecay(gamma=7)) == "KarrasDecay(gamma=7.0)"
     assert KarrasDecay(sigma_rel=0.05).config() == {"class": "KarrasDecay", "gamma": None, "sigma_rel": 0.05}
     assert KarrasDecay(gamma=6.94).config() == {"class": "KarrasDecay", "gamma": 6.94, "sigma_rel": None}
     assert CosineDecay(0.9, 0.99, 10).config() == {
@@ -499,7 +500,9 @@ def test_user_subclass_without_attributes_must_override_config() -> None:
 # --------------------------------------------------------------------------------------------------
 
 BAD_DECAYS = [-0.1, -1, 1.0, 1, 1.5, NAN, INF, -INF, True, False, "0.9", None, [0.9]]
-BAD_POSITIVE = [0, 0.0, -1, -1e-9, NAN, INF, True, "10", None]
+BAD_POSITIVE = [0, 0.0, -1, -1e-9, NAN, INF, True, "10", None, 10**400]
+# A schedule may reach 1 (CosineDecay's end, BYOL/DINO); only values outside [0, 1] are refused.
+BAD_SCHEDULE_DECAYS = [-0.1, -1, 1.0000001, 1.5, 2, NAN, INF, -INF, True, False, "0.9", None, [0.9]]
 
 BAD_ARGUMENTS: list[tuple[Callable[[Any], DecaySchedule], str, list[Any]]] = [
     (lambda v: ConstantDecay(decay=v), "decay", BAD_DECAYS),
@@ -512,8 +515,9 @@ BAD_ARGUMENTS: list[tuple[Callable[[Any], DecaySchedule], str, list[Any]]] = [
     (lambda v: PowerDecay(decay=0.99, min_decay=v), "min_decay", [-0.1, 0.995, 1.0, NAN, INF, True, "0", None]),
     (lambda v: ExponentialRampDecay(decay=v), "decay", BAD_DECAYS),
     (lambda v: ExponentialRampDecay(gamma=v), "gamma", BAD_POSITIVE),
-    (lambda v: CosineDecay(start=v, end=0.99, total_steps=10), "start", BAD_DECAYS),
-    (lambda v: CosineDecay(start=0.99, end=v, total_steps=10), "end", BAD_DECAYS),
+    (lambda v: CosineDecay(start=v, end=0.99, total_steps=10), "start", BAD_SCHEDULE_DECAYS),
+    (lambda v: CosineDecay(start=0.99, end=v, total_steps=10), "end", BAD_SCHEDULE_DECAYS),
+    (lambda v: CosineDecay(start=1.0, end=v, total_steps=10), "end", [1.0, 1]),
     (
         lambda v: CosineDecay(start=0.9, end=0.99, total_steps=v),
         "total_steps",
