@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lightning_ema.checkpoint import decays_of, ema_states, emas_of, export_ema, load_checkpoint
+from lightning_ema.checkpoint import checked_states, decays_of, emas_of, export_ema, load_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,19 +33,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing = commands.add_parser("list", help="list the EMA states a checkpoint holds")
     listing.add_argument("checkpoint")
-    listing.add_argument("--unsafe-load", action="store_true")
+    listing.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load the checkpoint with weights_only=False (only for files you trust)",
+    )
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit code."""
+    """Run the command line; return the process exit code (2 for any failure, with one ``error:`` line on stderr)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
-            states = ema_states(load_checkpoint(args.checkpoint, weights_only=not args.unsafe_load))
+            states = checked_states(load_checkpoint(args.checkpoint, weights_only=not args.unsafe_load))
             for key, state in states.items():
                 for index, (decay, ema) in enumerate(zip(decays_of(state), emas_of(state), strict=True)):
-                    print(f"{key}\tindex={index}\t{decay}\tnum_updates={state.get('num_updates')}\ttensors={len(ema)}")
+                    print(f"{key}\tindex={index}\t{decay}\tnum_updates={state['num_updates']}\ttensors={len(ema)}")
             if not states:
                 print("no EMA state in this checkpoint", file=sys.stderr)
                 return 1
@@ -59,8 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix=args.prefix,
             weights_only=not args.unsafe_load,
         )
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:  # EMAStateError is a ValueError
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a file can fail in ways nobody listed; say so in one line, never a traceback
+        print(f"error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
         return 2
     print(f"wrote {len(weights)} tensors to {args.output}")
     return 0

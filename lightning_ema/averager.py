@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_ema import functional as F
 from lightning_ema import sharding as S
+from lightning_ema._state_validation import check_engine_state, dtype_fits
 from lightning_ema._validate import (
     check_choice,
     check_int,
@@ -647,30 +648,12 @@ class EMAAverager:
         EMA (the layout before several decays existed).
 
         Raises:
-            EMAStateError: if the state is malformed, holds another number of EMAs than there are decays, or if
-                a module is bound and the state's names or shapes do not match it. Nothing is loaded then.
+            EMAStateError: if the state is malformed (structure, names, tensors that are not plain dense ones, NaN
+                or infinity), holds another number of EMAs than there are decays, or if a module is bound and the
+                state's names, shapes or dtypes do not match it. Nothing is loaded then.
         """
-        emas = state.get("emas", [state["ema"]] if "ema" in state else None)
-        missing = [key for key in ("num_updates", "last_update_step") if key not in state]
-        if emas is None:
-            missing.append("emas")
-        if missing or not isinstance(emas, Sequence) or not all(isinstance(ema, Mapping) for ema in emas):
-            raise EMAStateError(f"The EMA state lacks {missing or ['emas']}; got keys {sorted(state)!r}.")
-        for key in ("num_updates", "last_update_step"):
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise EMAStateError(f"The EMA state's `{key}` must be an integer >= 0, got {value!r}.")
-        if len(emas) != self.num_emas:
-            raise EMAStateError(
-                f"The EMA state holds {len(emas)} EMAs but {self.num_emas} decays are configured "
-                f"({[repr(schedule) for schedule in self.schedules]}); nothing was loaded."
-            )
-        not_tensors = sorted(
-            {str(name) for ema in emas for name, value in ema.items() if not isinstance(value, Tensor)}
-        )
-        if not_tensors:
-            raise EMAStateError(f"The EMA state's values must be tensors; these are not: {not_tensors}.")
-        pending = {"num_updates": state["num_updates"], "last_update_step": state["last_update_step"], "emas": emas}
+        # --- issue 13: one validation of every EMA state (lightning_ema/_state_validation.py) ---
+        pending = check_engine_state(state, num_emas=self.num_emas)
         if self._module is None:
             self._pending = pending
             return
@@ -729,7 +712,14 @@ def _align_names(source: Mapping[str, Tensor], selected: list[_Selected]) -> Map
         for name, shape in expected.items()
         if name in source and source[name].shape != shape
     )
-    if missing or unexpected or mismatched:
+    # issue 13: an EMA whose dtype cannot hold its weight (an int64 EMA of a float weight) is refused, not cast
+    dtypes = {name: item.live.dtype for item in selected for name in item.names}
+    wrong_dtype = sorted(
+        f"{name}: EMA {source[name].dtype} vs model {dtype}"
+        for name, dtype in dtypes.items()
+        if name in source and not dtype_fits(source[name].dtype, dtype)
+    )
+    if missing or unexpected or mismatched or wrong_dtype:
         problems = []
         if missing:
             problems.append(f"missing from the EMA: {missing}")
@@ -737,5 +727,7 @@ def _align_names(source: Mapping[str, Tensor], selected: list[_Selected]) -> Map
             problems.append(f"not in the model: {unexpected}")
         if mismatched:
             problems.append(f"shape differs: {mismatched}")
+        if wrong_dtype:
+            problems.append(f"dtype cannot hold the weight: {wrong_dtype}")
         raise EMAStateError("The EMA state does not match the model, nothing was loaded; " + "; ".join(problems) + ".")
     return source

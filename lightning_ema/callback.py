@@ -15,9 +15,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_ema._state_validation import check_ema_state
 from lightning_ema._validate import check_bool, check_choice, check_int
 from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
-from lightning_ema.checkpoint import FORMAT, VERSION, config_changes, ema_states, load_sharded_ema, shard_key
+from lightning_ema.checkpoint import (
+    FORMAT,
+    VERSION,
+    config_changes,
+    ema_states,
+    find_state_key,
+    load_sharded_ema,
+    shard_key,
+)
+from lightning_ema.errors import EMAStateError
 from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
 from lightning_ema.mean_teacher import MeanTeacherModule
 from lightning_ema.schedules import ConstantDecay, DecaySchedule
@@ -403,18 +413,10 @@ class EMACallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a saved EMA; it is checked against the model's names and shapes when it is applied."""
-        if state_dict.get("format") != FORMAT:
-            raise ValueError(f"The state is not an EMACallback state: keys {sorted(state_dict)!r}.")
-        version = state_dict.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version > VERSION:
-            raise ValueError(
-                f"The EMA state has format version {version!r}; this lightning-ema reads versions up to {VERSION}."
-                " Upgrade lightning-ema to load it."
-            )
-        saved = dict(state_dict.get("config", {}))
-        if "decay" in saved:  # version 1 described its single schedule under "decay"
-            saved["decays"] = [saved.pop("decay")]
+        """Load a saved EMA after checking it; it is checked against the model's tensors when it is applied."""
+        # --- issue 13: one validation of every EMA state (the layout here, the tensors in the engine) ---
+        state_dict = check_ema_state(state_dict, state_key=self.state_key, tensors=False)
+        saved = state_dict["config"]  # version 1's single "decay" is already under "decays"
         details = config_changes(saved, self._config())
         if details:
             rank_zero_warn(
@@ -423,7 +425,10 @@ class EMACallback(Callback):
                 category=UserWarning,
             )
         self._restart_from_weights = False
-        self._averager.load_state_dict(state_dict)
+        try:
+            self._averager.load_state_dict(state_dict)
+        except EMAStateError as error:  # say which callback's state it was
+            raise EMAStateError(f"EMACallback {self.state_key}: {error}") from error
 
     @override
     def on_load_checkpoint(
@@ -431,16 +436,17 @@ class EMACallback(Callback):
     ) -> None:
         """Find this callback's EMA in the checkpoint, or restart the EMA from the loaded weights with a warning."""
         states = ema_states(checkpoint)
-        key = self.state_key if self.state_key in states else None
-        adopt = key is None and len(states) == 1 and len(_ema_callbacks(trainer)) == 1
-        if adopt:
+        # an older version may have written this configuration's key un-normalised (`warmup=10` for `10.0`)
+        key = find_state_key(states, self.state_key)
+        if key is None and len(states) == 1 and len(_ema_callbacks(trainer)) == 1:
             key = next(iter(states))
         if key is not None:
             state = checkpoint["callbacks"][key]
-            missing = state.get("sharded") and any(name not in state["emas"][0] for name in state["sharded"])
+            layout = check_ema_state(state, state_key=key, tensors=False)
+            missing = any(name not in layout["emas"][0] for name in layout.get("sharded", ()))
             if missing and trainer.ckpt_path is not None and Path(trainer.ckpt_path).is_dir():
                 load_sharded_ema(trainer.ckpt_path, key, state, pl_module)
-            if adopt:
+            if key != self.state_key:  # Lightning passes only an exact key's state to `load_state_dict`
                 self.load_state_dict(dict(state))
             return  # for our own key, Lightning passes the state to `load_state_dict` next
         if states:

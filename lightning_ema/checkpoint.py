@@ -21,11 +21,16 @@ Sharded (FSDP2) runs: each rank holds the EMA of its shards only. ``"emas"`` the
 - a single-file checkpoint gets the full EMA tensors in ``"emas"``, gathered from every rank when saving.
 
 :func:`load_checkpoint` reads both; for a folder it loads only the ``state_dict`` tensors, in one process, and
-moves the EMA shards back into the callback states, so that everything below works the same.
+moves the EMA shards back into the callback states, so that everything below works the same. Nothing in a folder is
+unpickled beyond what ``weights_only`` allows: ``meta.pt`` goes through ``torch.load(weights_only=...)`` and the
+folder's ``.metadata`` through an unpickler that knows only torch's metadata classes (:mod:`lightning_ema._dcp`).
+
+Every EMA state a reader returns has passed :func:`~lightning_ema._state_validation.check_ema_state`.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,22 +39,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ema._files import load_file, refuse_same_file, write_atomically
+from lightning_ema._state_validation import FORMAT, VERSION, check_ema_state, check_tensors
+from lightning_ema.errors import EMAStateError
+from lightning_ema.schedules import normalize_repr
+
 __all__ = [
     "FORMAT",
     "SHARD_PREFIX",
     "VERSION",
+    "checked_states",
     "config_changes",
     "decays_of",
     "ema_states",
     "emas_of",
     "export_ema",
+    "find_state_key",
     "load_checkpoint",
     "load_ema_state_dict",
+    "normalize_state_key",
     "shard_key",
 ]
 
-FORMAT = "lightning-ema"
-VERSION = 2
 SHARD_PREFIX = "__ema__/"
 _METADATA_FILE = "meta.pt"  # what ModelParallelStrategy names the non-tensor part of a distributed checkpoint
 
@@ -75,80 +86,184 @@ def decays_of(state: Mapping[str, Any]) -> list[str]:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU.
+    """Load a checkpoint file, or a distributed checkpoint folder, onto the CPU.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file holds objects that ``weights_only=True`` refuses (with the way out).
+        ValueError: saying what the file is when it is not a readable checkpoint: empty, truncated or damaged, a
+            safetensors file, not a checkpoint at all, a folder without a distributed checkpoint's files, or a file
+            holding an object that ``weights_only=True`` refuses for safety (only then is ``weights_only=False``
+            suggested).
     """
     path = Path(path)
     if path.is_dir():
         return _load_distributed_checkpoint(path, weights_only=weights_only)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as error:
-        if not weights_only:
-            raise
-        raise ValueError(
-            f"`torch.load({str(path)!r}, weights_only=True)` refused the checkpoint: {error}. "
-            "If you trust the file, pass weights_only=False."
-        ) from error
+    checkpoint = load_file(path, weights_only=weights_only)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"A checkpoint must be a dict, got {type(checkpoint).__name__} from {str(path)!r}.")
+        raise ValueError(
+            f"{str(path)!r} is not a Lightning checkpoint: it holds a {type(checkpoint).__name__}, not a dict."
+        )
     return checkpoint
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """Describe the settings that differ between a saved configuration and the current one (``None``: same)."""
-    changed = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in current.items() if saved.get(key) != value]
+    """Describe the settings that differ between a saved configuration and the current one (``None``: same).
+
+    Schedule descriptions are compared in their normalised form (:func:`~lightning_ema.schedules.normalize_repr`),
+    so a schedule saved by an older version as ``warmup=10`` is the same as today's ``warmup=10.0``.
+    """
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {value!r}"
+        for key, value in current.items()
+        if _normalized(saved.get(key)) != _normalized(value)
+    ]
     return ", ".join(changed) or None
+
+
+def _normalized(value: Any) -> Any:
+    if isinstance(value, str):
+        return normalize_repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_normalized(item) for item in value]
+    return value
+
+
+def normalize_state_key(key: str) -> str:
+    """Return ``key`` with the schedule descriptions in it normalised (see :func:`config_changes`).
+
+    A state key is the callback's class name followed by the ``repr`` of a dict of plain values
+    (``EMACallback{'decay': 'WarmupDecay(decay=0.99, warmup=10)', ...}``); the dict is parsed, not evaluated. A key
+    that is not of that form comes back unchanged.
+    """
+    start = key.find("{")
+    if start <= 0:
+        return key
+    try:
+        fields = ast.literal_eval(key[start:])
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return key
+    if not isinstance(fields, dict):
+        return key
+    if isinstance(fields.get("decay"), str):
+        fields["decay"] = normalize_repr(fields["decay"])
+    elif isinstance(fields.get("decay"), list):
+        fields["decay"] = [normalize_repr(item) if isinstance(item, str) else item for item in fields["decay"]]
+    return f"{key[:start]}{fields!r}"
+
+
+def find_state_key(states: Mapping[str, Any], state_key: str) -> str | None:
+    """Return the key under which ``states`` holds the state of ``state_key``, or ``None``.
+
+    An exact match first; otherwise the one key that is equal once schedule descriptions are normalised (a
+    checkpoint written before ``WarmupDecay(0.99, 10)`` and ``WarmupDecay(0.99, 10.0)`` had one key).
+    """
+    if state_key in states:
+        return state_key
+    wanted = normalize_state_key(state_key)
+    matches = [key for key in states if normalize_state_key(key) == wanted]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str, Any]:
     """Read a distributed checkpoint folder in one process: ``meta.pt`` plus the ``state_dict`` tensors."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import load
 
+    from lightning_ema._dcp import CheckedReader, read_metadata
+
     if not (path / _METADATA_FILE).is_file():
-        raise FileNotFoundError(f"{str(path)!r} is a folder without {_METADATA_FILE}: not a distributed checkpoint.")
-    checkpoint = dict(torch.load(path / _METADATA_FILE, map_location="cpu", weights_only=weights_only))
-    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    wanted = {
-        key.removeprefix("state_dict."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        raise ValueError(
+            f"{str(path)!r} is a folder without {_METADATA_FILE}: not a distributed checkpoint written by Lightning."
+        )
+    loaded = load_file(path / _METADATA_FILE, weights_only=weights_only)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{str(path / _METADATA_FILE)!r} holds a {type(loaded).__name__}, not a checkpoint dict.")
+    checkpoint = dict(loaded)
+    metadata = read_metadata(path, weights_only=weights_only)
+    stored = metadata.state_dict_metadata
+    tensors = {
+        key.removeprefix("state_dict."): meta
         for key, meta in stored.items()
         if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
     }
-    request = {"state_dict": wanted}
-    load(request, checkpoint_id=str(path), no_dist=True)
+    _refuse_oversized(path, metadata, tensors)
+    try:
+        wanted = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in tensors.items()}
+        request = {"state_dict": wanted}
+        load(request, storage_reader=CheckedReader(path, metadata), no_dist=True)
+    except Exception as error:
+        raise ValueError(f"The tensors of the distributed checkpoint {str(path)!r} cannot be read: {error}") from error
     weights = request["state_dict"]
-    for key, state in (checkpoint.get("callbacks") or {}).items():
+    callbacks = checkpoint.get("callbacks") or {}
+    if not isinstance(callbacks, Mapping):
+        raise EMAStateError(f"checkpoint['callbacks'] must be a dict of callback states, got a {type(callbacks)}.")
+    callbacks = dict(callbacks)
+    for key, state in callbacks.items():
         if isinstance(state, Mapping) and state.get("format") == FORMAT and state.get("sharded"):
-            state = dict(state)
-            state["emas"] = [
-                {**ema, **{name: weights.pop(shard_key(key, index, name)) for name in state["sharded"]}}
-                for index, ema in enumerate(state["emas"])
-            ]
-            checkpoint["callbacks"][key] = state
+            callbacks[key] = _with_shards(path, str(key), state, weights)
+    checkpoint["callbacks"] = callbacks
     checkpoint["state_dict"] = {key: value for key, value in weights.items() if not key.startswith(SHARD_PREFIX)}
     return checkpoint
+
+
+def _with_shards(path: Path, key: str, state: Mapping[str, Any], weights: dict[str, Tensor]) -> dict[str, Any]:
+    """A copy of a sharded callback state whose EMAs hold the consolidated shards read from the folder."""
+    layout = check_ema_state(state, state_key=key, tensors=False)
+    missing = sorted(
+        shard_key(key, index, name)
+        for index in range(len(layout["emas"]))
+        for name in layout.get("sharded", ())
+        if shard_key(key, index, name) not in weights
+    )
+    if missing:
+        raise EMAStateError(f"The distributed checkpoint {str(path)!r} lacks the EMA shards {missing}.")
+    result = dict(state)
+    result["emas"] = [
+        {**ema, **{name: weights.pop(shard_key(key, index, name)) for name in layout.get("sharded", ())}}
+        for index, ema in enumerate(layout["emas"])
+    ]
+    return result
+
+
+def _refuse_oversized(path: Path, metadata: Any, tensors: Mapping[str, Any]) -> None:
+    """Refuse an index that claims more tensor bytes than the folder's files hold (it would exhaust memory)."""
+    storage = metadata.storage_data.values()
+    if any(getattr(info, "transform_descriptors", None) for info in storage):
+        return  # compressed files: their size says nothing about the tensors'
+    claimed = 0
+    for meta in tensors.values():
+        count = 1
+        for size in meta.size:
+            count *= size
+        claimed += count * meta.properties.dtype.itemsize
+    available = sum(
+        (path / name).stat().st_size for name in {info.relative_path for info in storage} if (path / name).is_file()
+    )
+    if claimed > available:
+        raise ValueError(
+            f"{str(path / '.metadata')!r} describes {claimed} bytes of tensors, but the folder's tensor files hold "
+            f"{available}: the checkpoint is incomplete or its index is wrong."
+        )
 
 
 def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[str, Any], module: nn.Module) -> None:
     """Fill ``state["emas"]`` with this rank's EMA shards from a distributed checkpoint folder (all ranks call it).
 
+    The folder's ``.metadata`` is read by :func:`lightning_ema._dcp.read_metadata`, which unpickles nothing but
+    torch's metadata classes.
+
     Raises:
         EMAStateError: if the folder lacks a shard the state lists; nothing is changed then.
+        ValueError: if the folder's ``.metadata`` is not a valid index (or holds anything else).
     """
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    from lightning_ema.errors import EMAStateError
+    from lightning_ema._dcp import CheckedReader, read_metadata
     from lightning_ema.sharding import reshard_all
 
-    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = read_metadata(Path(path))
+    stored = metadata.state_dict_metadata
     reshard_all(module)
     live = module.state_dict(keep_vars=True)
     keys = {
@@ -156,23 +271,37 @@ def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[s
         for index in range(len(state["emas"]))
         for name in state["sharded"]
     }
-    missing = sorted(key for (_, name), key in keys.items() if f"state_dict.{key}" not in stored or name not in live)
+    missing = sorted(
+        key
+        for (_, name), key in keys.items()
+        if not isinstance(stored.get(f"state_dict.{key}"), TensorStorageMetadata) or name not in live
+    )
     if missing:
         raise EMAStateError(
             f"The distributed checkpoint {str(path)!r} lacks EMA shards or the model their names: {missing}."
         )
     placeholders = {
-        key: torch.empty_like(live[name], dtype=stored[f"state_dict.{key}"].properties.dtype)  # type: ignore[union-attr]
+        key: torch.empty_like(live[name], dtype=stored[f"state_dict.{key}"].properties.dtype)
         for (_, name), key in keys.items()
     }
-    load({"state_dict": placeholders}, checkpoint_id=str(path))
+    load({"state_dict": placeholders}, storage_reader=CheckedReader(Path(path), metadata))
     for (index, name), key in keys.items():
         state["emas"][index][name] = placeholders[key].to_local().clone()  # type: ignore[attr-defined]
 
 
 def ema_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Return the states of every :class:`~lightning_ema.EMACallback` in ``checkpoint`` by state key."""
+    """Return the states of every :class:`~lightning_ema.EMACallback` in ``checkpoint`` by state key (unchecked).
+
+    Raises:
+        EMAStateError: if ``checkpoint["callbacks"]`` is not a dict.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise EMAStateError(f"A checkpoint must be a dict, got a {type(checkpoint).__name__}.")
     callbacks = checkpoint.get("callbacks") or {}
+    if not isinstance(callbacks, Mapping):
+        raise EMAStateError(
+            f"checkpoint['callbacks'] must be a dict of callback states by key, got a {type(callbacks).__name__}."
+        )
     return {
         str(key): dict(state)
         for key, state in callbacks.items()
@@ -180,21 +309,43 @@ def ema_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _select_state(states: dict[str, dict[str, Any]], state_key: str | None) -> dict[str, Any]:
+def _select_state(states: dict[str, dict[str, Any]], state_key: str | None) -> str:
     if not states:
         raise ValueError(
             "The checkpoint holds no EMA state: it was not written by a Trainer with an EMACallback, "
             "or it was saved with weights_only=True."
         )
     if state_key is not None:
-        if state_key not in states:
+        found = find_state_key(states, state_key) if isinstance(state_key, str) else None
+        if found is None:
             raise ValueError(f"`state_key` must be one of {sorted(states)!r}, got {state_key!r}.")
-        return states[state_key]
+        return found
     if len(states) > 1:
         raise ValueError(
             f"The checkpoint holds {len(states)} EMA states; choose one with `state_key`, one of {sorted(states)!r}."
         )
-    return next(iter(states.values()))
+    return next(iter(states))
+
+
+def checked_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return every EMA state of ``checkpoint`` by key, each checked against the checkpoint's raw weights.
+
+    Raises:
+        EMAStateError: naming the state, the EMA and the tensors, for the first state that is malformed.
+    """
+    raw = _raw_weights(checkpoint)
+    return {key: check_ema_state(state, state_key=key, weights=raw) for key, state in ema_states(checkpoint).items()}
+
+
+def _raw_weights(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    raw = checkpoint.get("state_dict")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise EMAStateError(f"checkpoint['state_dict'] must be a dict of tensors by name, got a {type(raw).__name__}.")
+    tensors = {name: value for name, value in raw.items() if isinstance(value, Tensor)}
+    check_tensors(tensors, where="The checkpoint's raw weights (checkpoint['state_dict'])", finite=False)
+    return dict(raw)
 
 
 def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapping[str, Tensor]:
@@ -202,12 +353,13 @@ def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapp
     if index is not None and decay is not None:
         raise ValueError(f"Pass `index` or `decay`, not both; got index={index!r} and decay={decay!r}.")
     if decay is not None:
-        from lightning_ema.schedules import DecaySchedule, as_schedule
+        from lightning_ema.schedules import as_schedule
 
-        wanted = repr(decay if isinstance(decay, DecaySchedule) else as_schedule(decay))
-        if wanted not in decays:
+        wanted = repr(as_schedule(decay))
+        normalized = [normalize_repr(saved) for saved in decays]
+        if wanted not in normalized:
             raise ValueError(f"`decay` must be one of the saved decays {decays}, got {decay!r}.")
-        return emas[decays.index(wanted)]
+        return emas[normalized.index(wanted)]
     if index is None:
         if len(emas) > 1:
             raise ValueError(f"The EMA state holds {len(emas)} EMAs ({decays}); choose one with `index` or `decay`.")
@@ -241,8 +393,12 @@ def load_ema_state_dict(
         weights_only: passed to ``torch.load``; leave it ``True`` unless you trust the file.
 
     Raises:
-        ValueError: if the checkpoint holds no EMA state, several without a ``state_key``, several EMAs
-            without an ``index`` or ``decay``, or nothing under ``prefix``.
+        ValueError: if the file is not a readable checkpoint (the message says what it is), if the checkpoint holds
+            no EMA state, several without a ``state_key``, several EMAs without an ``index`` or ``decay``, or nothing
+            under ``prefix``.
+        EMAStateError: if the EMA state is malformed: a missing or unknown layout version, missing entries,
+            tensors that are not plain dense tensors, NaN or infinity, or an EMA whose shape or dtype does not fit
+            its raw weight. The message names the state, the EMA and the tensors.
 
     Example::
 
@@ -253,8 +409,11 @@ def load_ema_state_dict(
         checkpoint: Mapping[str, Any] = path_or_checkpoint
     else:
         checkpoint = load_checkpoint(path_or_checkpoint, weights_only=weights_only)
-    state = _select_state(ema_states(checkpoint), state_key)
-    weights: dict[str, Tensor] = dict(checkpoint.get("state_dict") or {})
+    states = ema_states(checkpoint)
+    key = _select_state(states, state_key)
+    raw = _raw_weights(checkpoint)
+    state = check_ema_state(states[key], state_key=key, weights=raw)
+    weights: dict[str, Tensor] = dict(raw)
     weights.update(_select_ema(state, index, decay))
     if prefix is not None:
         weights = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
@@ -275,14 +434,22 @@ def export_ema(
 ) -> dict[str, Tensor]:
     """Write a checkpoint's EMA weights as a plain state dict (``.safetensors`` by suffix, else ``torch.save``).
 
+    The file is written next to ``output_path`` under a temporary name and renamed into place once complete, so a
+    failed write (a full disk) leaves whatever was at ``output_path`` as it was.
+
     Returns:
         The state dict that was written.
+
+    Raises:
+        ValueError: if ``output_path`` is the checkpoint itself (the same path, a symbolic or hard link to it, or a
+            file inside a checkpoint folder), a folder, or anything :func:`load_ema_state_dict` raises for.
+        OSError: if writing fails; ``output_path`` is left as it was.
     """
+    source, output = Path(checkpoint_path), Path(output_path)
+    refuse_same_file(source, output)
     weights = load_ema_state_dict(
-        checkpoint_path, state_key=state_key, index=index, decay=decay, prefix=prefix, weights_only=weights_only
+        source, state_key=state_key, index=index, decay=decay, prefix=prefix, weights_only=weights_only
     )
-    output = Path(output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".safetensors":
         try:
             from safetensors.torch import save_file
@@ -290,6 +457,12 @@ def export_ema(
             raise ValueError(
                 f"Writing {str(output)!r} needs the safetensors package: pip install safetensors."
             ) from error
+        not_tensors = sorted(name for name, value in weights.items() if not isinstance(value, Tensor))
+        if not_tensors:
+            raise ValueError(
+                f"A safetensors file holds tensors only, but these entries are not: {not_tensors}. Export to a "
+                "file with another suffix (torch.save) instead."
+            )
         # safetensors refuses tensors that share storage (tied weights): give each its own.
         seen: set[int] = set()
         contiguous = {}
@@ -297,7 +470,7 @@ def export_ema(
             pointer = tensor.untyped_storage().data_ptr()
             contiguous[name] = tensor.contiguous() if pointer not in seen else tensor.clone()
             seen.add(pointer)
-        save_file(contiguous, str(output))
+        write_atomically(output, lambda path: save_file(contiguous, path))
     else:
-        torch.save(weights, output)
+        write_atomically(output, lambda path: torch.save(weights, path))
     return weights
