@@ -14,13 +14,15 @@ here instead of unpickling the file again.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-__all__ = ["METADATA_FILE", "CheckedReader", "read_metadata"]
+__all__ = ["METADATA_FILE", "CheckedReader", "load_tensors", "read_metadata"]
 
 METADATA_FILE = ".metadata"
 
@@ -138,8 +140,10 @@ def read_metadata(folder: Path, *, weights_only: bool = True) -> Any:
             "unpickling it could run code. If you trust the folder, pass weights_only=False (on the command line: "
             "--unsafe-load)."
         ) from error
-    except EOFError as error:
-        raise ValueError(f"{where} is truncated or empty: the folder is an incomplete checkpoint.") from error
+    except (EOFError, pickle.UnpicklingError) as error:
+        if isinstance(error, EOFError) or "truncated" in str(error):
+            raise ValueError(f"{where} is truncated or empty: the folder is an incomplete checkpoint.") from error
+        raise ValueError(f"{where} is not a readable distributed checkpoint index: {error}.") from error
     except Exception as error:
         raise ValueError(
             f"{where} is not a readable distributed checkpoint index: {type(error).__name__}: {error}."
@@ -167,3 +171,38 @@ class CheckedReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+_REFUSED_OBJECT = re.compile(r"GLOBAL \S+|unrecognized function \S+|Can only (?:build|create new object)[^\n]*")
+
+
+def load_tensors(request: dict[str, Any], folder: Path, metadata: Any, *, no_dist: bool = False) -> None:
+    """Fill the tensors of ``request`` from ``folder`` through :class:`CheckedReader`.
+
+    ``torch.distributed.checkpoint.load`` reports any failure as a ``CheckpointException``, a ``BaseException``
+    whose text is a traceback per rank; this raises a ``ValueError`` that names the first rank's problem instead.
+
+    Raises:
+        ValueError: if a tensor file is missing, damaged, or holds an object (torch reads tensor files with
+            ``weights_only=True``, whatever the caller asked).
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    try:
+        with warnings.catch_warnings():
+            # reading in one process is the point of no_dist; torch warns that it assumes so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            load(request, storage_reader=CheckedReader(folder, metadata), no_dist=no_dist)
+    except CheckpointException as failure:
+        causes = [cause[0] if isinstance(cause, tuple) else cause for cause in failure.failures.values()]
+        cause = causes[0] if causes else failure
+        text = str(cause)
+        refused = _REFUSED_OBJECT.search(text) if "Weights only load failed" in text else None
+        if refused:
+            reason = f"a tensor file holds an object that torch refuses for safety ({refused.group(0)})"
+        else:
+            reason = " ".join(text.split()) or type(cause).__name__
+        raise ValueError(
+            f"The tensors of the distributed checkpoint {str(folder)!r} cannot be read: {reason}."
+        ) from cause

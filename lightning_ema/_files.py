@@ -18,6 +18,7 @@ import pickle
 import re
 import secrets
 import struct
+import zipfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -75,7 +76,8 @@ def _explain(path: Path, kind: str | None, head: bytes, error: Exception, weight
             f"`torch.load({name}, weights_only=True)` refused an object in the file for safety: {reason}. "
             + _UNSAFE_HINT
         )
-    if kind == "zip" and ("PytorchStreamReader" in message or "zip archive" in message):
+    damaged = "PytorchStreamReader" in message or "zip archive" in message or isinstance(error, OSError)
+    if kind == "zip" and (damaged or not zipfile.is_zipfile(path)):
         return ValueError(
             f"{name} is a damaged or truncated torch archive (zip), not a readable checkpoint: {_first_line(error)}. "
             "Copy or save it again."
@@ -187,9 +189,13 @@ def write_atomically(destination: Path, write: Callable[[str], None]) -> None:
     except BaseException as error:
         with suppress(OSError):
             temporary.unlink()
-        if isinstance(error, Exception) and not isinstance(error, OSError):
-            raise OSError(f"Writing {str(destination)!r} failed: {_first_line(error)}") from error
-        raise
+        if not isinstance(error, Exception):
+            raise  # KeyboardInterrupt and the like pass as they are, after the clean-up
+        what = f"Writing {str(destination)!r} failed"
+        kept = "the file there, if any, was left as it was"
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(error.errno, f"{what}: {error.strerror or _first_line(error)}; {kept}") from error
+        raise OSError(f"{what}: {_first_line(error)}; {kept}") from error
     with suppress(OSError):  # make the rename itself durable where the platform allows it
         folder = os.open(target.parent, os.O_RDONLY)
         try:

@@ -242,7 +242,10 @@ class EMACallback(Callback):
                 category=UserWarning,
             )
         # A module may declare tensors that are averages already (MeanTeacherModule's teacher).
-        averager.bind(pl_module, trainer.global_step, extra_exclude=tuple(getattr(pl_module, "ema_exclude", ())))
+        try:
+            averager.bind(pl_module, trainer.global_step, extra_exclude=tuple(getattr(pl_module, "ema_exclude", ())))
+        except EMAStateError as error:  # issue 13: say which callback's (loaded) state it was
+            raise EMAStateError(f"EMACallback {self.state_key}: {error}") from error
 
     # ------------------------------------------------------------------ hooks
     @override

@@ -167,9 +167,8 @@ def find_state_key(states: Mapping[str, Any], state_key: str) -> str | None:
 def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str, Any]:
     """Read a distributed checkpoint folder in one process: ``meta.pt`` plus the ``state_dict`` tensors."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict_loader import load
 
-    from lightning_ema._dcp import CheckedReader, read_metadata
+    from lightning_ema._dcp import load_tensors, read_metadata
 
     if not (path / _METADATA_FILE).is_file():
         raise ValueError(
@@ -187,12 +186,9 @@ def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str,
         if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
     }
     _refuse_oversized(path, metadata, tensors)
-    try:
-        wanted = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in tensors.items()}
-        request = {"state_dict": wanted}
-        load(request, storage_reader=CheckedReader(path, metadata), no_dist=True)
-    except Exception as error:
-        raise ValueError(f"The tensors of the distributed checkpoint {str(path)!r} cannot be read: {error}") from error
+    wanted = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in tensors.items()}
+    request = {"state_dict": wanted}
+    load_tensors(request, path, metadata, no_dist=True)
     weights = request["state_dict"]
     callbacks = checkpoint.get("callbacks") or {}
     if not isinstance(callbacks, Mapping):
@@ -257,9 +253,8 @@ def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[s
         ValueError: if the folder's ``.metadata`` is not a valid index (or holds anything else).
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict_loader import load
 
-    from lightning_ema._dcp import CheckedReader, read_metadata
+    from lightning_ema._dcp import load_tensors, read_metadata
     from lightning_ema.sharding import reshard_all
 
     metadata = read_metadata(Path(path))
@@ -284,7 +279,7 @@ def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[s
         key: torch.empty_like(live[name], dtype=stored[f"state_dict.{key}"].properties.dtype)
         for (_, name), key in keys.items()
     }
-    load({"state_dict": placeholders}, storage_reader=CheckedReader(Path(path), metadata))
+    load_tensors({"state_dict": placeholders}, Path(path), metadata)
     for (index, name), key in keys.items():
         state["emas"][index][name] = placeholders[key].to_local().clone()  # type: ignore[attr-defined]
 
@@ -472,5 +467,10 @@ def export_ema(
             seen.add(pointer)
         write_atomically(output, lambda path: save_file(contiguous, path))
     else:
-        write_atomically(output, lambda path: torch.save(weights, path))
+
+        def save(path: str) -> None:
+            with open(path, "wb") as stream:  # through Python's file, so a full disk raises OSError with its errno
+                torch.save(weights, stream)
+
+        write_atomically(output, save)
     return weights
