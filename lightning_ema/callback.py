@@ -245,7 +245,7 @@ class EMACallback(Callback):
         try:
             averager.bind(pl_module, trainer.global_step, extra_exclude=tuple(getattr(pl_module, "ema_exclude", ())))
         except EMAStateError as error:  # issue 13: say which callback's (loaded) state it was
-            raise EMAStateError(f"EMACallback {self.state_key}: {error}") from error
+            raise EMAStateError(f"{self.state_key}: {error}") from error
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -431,7 +431,7 @@ class EMACallback(Callback):
         try:
             self._averager.load_state_dict(state_dict)
         except EMAStateError as error:  # say which callback's state it was
-            raise EMAStateError(f"EMACallback {self.state_key}: {error}") from error
+            raise EMAStateError(f"{self.state_key}: {error}") from error
 
     @override
     def on_load_checkpoint(
