@@ -1,7 +1,7 @@
 """One validation of an EMA state, for every reader of a checkpoint and for resume (torch only).
 
 Everything that reads EMA tensors from a file goes through here before it uses them: ``load_ema_state_dict``,
-``python -m lightning_ema export`` and ``list``, ``EMACallback.load_state_dict`` and ``EMAAverager.load_state_dict``.
+``python -m lightning_ema export`` and ``list``, ``EMACallback.load_state_dict`` and ``EMA.load_state_dict``.
 Readers of other libraries' layouts normalise theirs to ``{name: tensor}`` mappings and call
 :func:`check_tensors` / :func:`check_emas` on them, so that every EMA that enters lightning-ema is held to the same
 rules:
@@ -226,14 +226,18 @@ def _emas_entry(state: Mapping[Any, Any], where: str) -> object:
     raise EMAStateError(f"{where} lacks its EMA tensors (`emas`); it has the keys {sorted(map(str, state))!r}.")
 
 
-def check_engine_state(state: object, *, num_emas: int, where: str = "The EMA state") -> dict[str, Any]:
-    """Check the state of an :class:`~lightning_ema.averager.EMAAverager` and return it normalised.
+def check_engine_state(
+    state: object, *, num_emas: int, labels: Sequence[str] | None = None, where: str = "The EMA state"
+) -> dict[str, Any]:
+    """Check the state of an :class:`~lightning_ema.EMA` and return it normalised.
 
-    The state holds the counters ``num_updates`` and ``last_update_step`` and ``emas``, one ``{name: tensor}``
-    mapping per decay (or ``ema``, the single mapping of the layout before several decays existed).
+    The state holds the counters ``num_updates`` and ``last_update_step`` (and optionally ``step``, the optimizer
+    steps counted so far) and ``emas``, one ``{name: tensor}`` mapping per decay (or ``ema``, the single mapping of
+    the layout before several decays existed).
 
     Returns:
-        ``{"num_updates": int, "last_update_step": int, "emas": [dict, ...]}``.
+        ``{"num_updates": int, "last_update_step": int, "step": int, "emas": [dict, ...]}``, where ``step`` is at
+        least ``last_update_step``.
 
     Raises:
         EMAStateError: if anything is malformed (see :func:`check_emas`), or the state holds another number of EMAs
@@ -242,13 +246,20 @@ def check_engine_state(state: object, *, num_emas: int, where: str = "The EMA st
     if not isinstance(state, Mapping):
         raise EMAStateError(f"{where} must be a dict, got a {_kind(state)}.")
     num_updates, last_update_step = _check_counters(state, where)
+    step = state.get("step", last_update_step)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise EMAStateError(f"{where}: `step` must be an integer >= 0, got {step!r}.")
     emas = _emas_entry(state, where)
     if isinstance(emas, Sequence) and not isinstance(emas, (str, bytes)) and len(emas) != num_emas:
-        raise EMAStateError(f"{where} holds {len(emas)} EMAs but {num_emas} decays are configured.")
+        configured = f" ({list(labels)})" if labels is not None else ""
+        raise EMAStateError(
+            f"{where} holds {len(emas)} EMAs but {num_emas} decays are configured{configured}; nothing was loaded."
+        )
     return {
         "num_updates": num_updates,
         "last_update_step": last_update_step,
-        "emas": check_emas(emas, where=where),
+        "step": max(step, last_update_step),
+        "emas": check_emas(emas, where=where, labels=labels),
     }
 
 
@@ -273,8 +284,9 @@ def check_ema_state(
         tensors: check the EMA tensors as well as the layout.
 
     Returns:
-        The state in the version 2 layout: ``format``, ``version``, ``config`` (with ``decays``, one ``repr`` per
-        EMA), ``num_updates``, ``last_update_step``, ``emas`` (a list of plain dicts) and ``sharded`` if present.
+        A copy of the state in the version 2 layout: ``format``, ``version``, ``config`` (with ``decays``, one
+        ``repr`` per EMA), ``num_updates``, ``last_update_step``, ``emas`` (a list of plain dicts) and ``sharded`` if
+        present; other entries (the engine's ``step``, ``shard``) are kept as they are, for the engine to check.
 
     Raises:
         EMAStateError: what is wrong and where.
@@ -321,13 +333,10 @@ def check_ema_state(
     if len(decays) != len(emas):
         raise EMAStateError(f"{where} holds {len(emas)} EMAs but describes {len(decays)} decays ({list(decays)}).")
     config["decays"] = list(decays)
-    normalised: dict[str, Any] = {
-        "format": FORMAT,
-        "version": version,
-        "config": config,
-        "num_updates": num_updates,
-        "last_update_step": last_update_step,
-    }
+    normalised: dict[str, Any] = {key: value for key, value in state.items() if key != "ema"}
+    normalised.update(
+        format=FORMAT, version=version, config=config, num_updates=num_updates, last_update_step=last_update_step
+    )
     if "sharded" in state:
         sharded = state["sharded"]
         if (

@@ -28,7 +28,7 @@ from support import (
 )
 from torch import Tensor
 
-from lightning_ema import EMACallback, MeanTeacherModule, load_ema_state_dict
+from lightning_ema import EMA, EMACallback, MeanTeacherModule, load_ema_state_dict
 from lightning_ema.schedules import ConstantDecay, CosineDecay, WarmupDecay
 
 
@@ -77,11 +77,8 @@ def test_a_cosine_schedule_ending_at_one_averages_then_freezes_the_ema(every_n_s
 
 
 def test_bf16_weights_and_several_decays_handle_a_decay_of_one() -> None:
-    from lightning_ema.averager import EMAAverager
-
     module = torch.nn.Linear(4, 3).to(torch.bfloat16)
-    averager = EMAAverager([CosineDecay(0.5, 1.0, total_steps=2), 0.9])
-    averager.bind(module, 0)
+    averager = EMA(module, [CosineDecay(0.5, 1.0, total_steps=2), 0.9])
     averager.update(2)  # steps 1..2: decays 0.75 and 1.0
     before = [{n: t.clone() for n, t in averager.ema_state_dict(k).items()} for k in (0, 1)]
     with torch.no_grad():
