@@ -192,7 +192,9 @@ def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str,
     weights = request["state_dict"]
     callbacks = checkpoint.get("callbacks") or {}
     if not isinstance(callbacks, Mapping):
-        raise EMAStateError(f"checkpoint['callbacks'] must be a dict of callback states, got a {type(callbacks)}.")
+        raise EMAStateError(
+            f"checkpoint['callbacks'] must be a dict of callback states, got a {type(callbacks).__name__}."
+        )
     callbacks = dict(callbacks)
     for key, state in callbacks.items():
         if isinstance(state, Mapping) and state.get("format") == FORMAT and state.get("sharded"):

@@ -78,6 +78,7 @@ def folder(tmp_path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
         dcp.save({"state_dict": {"w": torch.arange(6.0).view(2, 3), "n": torch.tensor(7)}}, checkpoint_id=path)
+    torch.save({"epoch": 0}, path / "meta.pt")  # the rest of a Lightning checkpoint, as ModelParallelStrategy saves it
     return path
 
 
@@ -122,6 +123,23 @@ def test_a_crafted_folder_index_never_runs_code(folder: Path, tmp_path: Path, ki
     with pytest.raises(ValueError):
         load_checkpoint(folder)
     assert not marker.exists()
+
+
+def test_a_real_folder_loads_in_one_process(folder: Path) -> None:
+    checkpoint = load_checkpoint(folder)
+    assert checkpoint["epoch"] == 0
+    assert torch.equal(checkpoint["state_dict"]["w"], torch.arange(6.0).view(2, 3))
+    assert torch.equal(checkpoint["state_dict"]["n"], torch.tensor(7))
+
+
+def test_an_index_claiming_more_tensor_bytes_than_the_files_hold_is_refused(folder: Path) -> None:
+    metadata = metadata_of(folder)
+    metadata.state_dict_metadata["state_dict.w"].size = torch.Size([10**6, 10**6])  # type: ignore[attr-defined]
+    write_metadata(folder, pickle.dumps(metadata))
+    with pytest.raises(
+        ValueError, match=r"describes 4000000000\d+ bytes of tensors, but the folder's tensor files hold"
+    ):
+        load_checkpoint(folder)
 
 
 def test_a_persistent_id_in_the_index_is_refused(folder: Path) -> None:
