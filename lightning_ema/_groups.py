@@ -199,9 +199,11 @@ class Storage:
         return ema
 
     # ------------------------------------------------------------------ update
-    def copy_weights(self) -> None:
-        """Set every EMA to the current weights."""
+    def copy_weights(self, *, keep_kept: bool = False) -> None:
+        """Set every EMA to the current weights (``keep_kept``: except the integer buffers kept by policy)."""
         for group in self.groups:
+            if keep_kept and group.kind == KEEP:
+                continue
             for ema in group.emas:
                 F.copy_(ema, group.live)
 

@@ -162,9 +162,15 @@ class EMAConfig:
             "buffers": self.buffers,
             "include": None if self.include is None else list(self.include),
             "exclude": None if self.exclude is None else list(self.exclude),
-            # Only settings that differ from the defaults, so that older checkpoints compare equal.
-            **{key: value for key, value in self._step_rule().items() if value != _STEP_RULE_DEFAULTS[key]},
+            **self.step_rule_changes(),
         }
+
+    def step_rule_changes(self) -> dict[str, Any]:
+        """The step-rule settings that differ from the defaults, as plain values.
+
+        Only those are described, so that checkpoints written before these settings existed compare equal.
+        """
+        return {key: value for key, value in self._step_rule().items() if value != _STEP_RULE_DEFAULTS[key]}
 
     def _step_rule(self) -> dict[str, Any]:
         return {
@@ -547,6 +553,20 @@ class EMA:
             yield self._module
         finally:
             self.swap_out()
+
+    def copy_from_module(self) -> None:
+        """Set every EMA to the module's current weights, except integer buffers kept by ``integer_buffers="keep"``.
+
+        The counters are left as they are. Used to start a teacher from a student whose weights changed after the
+        teacher was made (mmdet's ``MeanTeacherHook`` does this when training starts at iteration 0, leaving the
+        teacher's integer buffers alone).
+
+        Raises:
+            RuntimeError: if the EMA is swapped into the module.
+        """
+        if self.is_swapped:
+            raise RuntimeError("Cannot copy the module's weights into the EMA while it is swapped in.")
+        self._storage.copy_weights(keep_kept=True)
 
     def copy_to(self, module: nn.Module | None = None, index: int = 0) -> None:
         """Copy EMA ``index`` into ``module`` (default: the averaged module, whose raw weights are then lost).

@@ -50,7 +50,9 @@ __all__ = [
     "ForeignEMA",
     "allowed_globals",
     "detect_format",
+    "initial_ema",
     "looks_like_buffer",
+    "match_names",
     "read_foreign",
     "to_diffusers",
     "to_timm",
@@ -341,6 +343,73 @@ def load_foreign(
     """Read a file in another library's layout (see :func:`read_foreign`)."""
     return read_foreign(
         _load_file(Path(path), weights_only), format=format, path=path, module=module, weights_only=weights_only
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- starting an EMA
+def initial_ema(
+    source: str | os.PathLike[str] | Mapping[str, Any], module: nn.Module, *, weights_only: bool = True
+) -> dict[str, Tensor]:
+    """Return the EMA tensors an EMA of ``module`` should start from (``EMACallback(init_from=...)``).
+
+    ``source`` is a checkpoint file or a loaded checkpoint in any layout :func:`lightning_ema.load_ema_state_dict`
+    reads (``module`` names the positional ones), or a plain ``{name: tensor}`` state dict (file or mapping).
+    """
+    from lightning_ema.checkpoint import load_checkpoint, load_ema_state_dict
+
+    checkpoint = source if isinstance(source, Mapping) else load_checkpoint(source, weights_only=weights_only)
+    if checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):
+        return dict(checkpoint)  # a plain state dict
+    if not isinstance(source, Mapping):
+        from lightning_ema.checkpoint import _Loaded
+
+        checkpoint = _Loaded(checkpoint, source)
+    return load_ema_state_dict(checkpoint, module=module, weights_only=weights_only)
+
+
+def match_names(source: Mapping[str, Tensor], wanted: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Tensor]:
+    """Return ``source``'s tensors under the ``wanted`` names (``optional`` ones may be absent).
+
+    Names are compared without wrapper components (``module.``, ``_orig_mod.``); if they differ by a leading
+    module path (a LightningModule's ``model.`` against a bare model's names, either way round), the one prefix
+    that pairs every wanted name is used.
+
+    Raises:
+        EMAStateError: listing the wanted names (not optional) that ``source`` lacks.
+    """
+    from lightning_ema.errors import EMAStateError
+    from lightning_ema.functional import canonical_name
+
+    by_name = {canonical_name(name): tensor for name, tensor in source.items()}
+    required = [name for name in wanted if name not in set(optional)]
+
+    def lookup(drop: str, add: str) -> dict[str, Tensor]:
+        found = {}
+        for name in wanted:
+            key = canonical_name(name)
+            if key.startswith(drop):
+                tensor = by_name.get(add + key[len(drop) :])
+                if tensor is not None:
+                    found[name] = tensor
+        return found
+
+    candidates = [("", "")]
+    if required:
+        first = canonical_name(required[0])
+        for key in by_name:
+            if first.endswith("." + key):
+                candidates.append((first[: -len(key)], ""))
+            elif key.endswith("." + first):
+                candidates.append(("", key[: -len(first)]))
+    results = [lookup(drop, add) for drop, add in candidates]
+    complete = [found for found in results if all(name in found for name in required)]
+    if complete:
+        return max(complete, key=len)
+    missing = sorted(name for name in required if name not in results[0])
+    raise EMAStateError(
+        f"The EMA to start from lacks {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+        f"({len(missing)} of the {len(required)} tensors needed); it holds {sorted(source)[:5]!r}. Pass a state dict "
+        "renamed to the module's names if they differ by more than a leading module path."
     )
 
 
