@@ -355,10 +355,12 @@ def initial_ema(
     ``source`` is a checkpoint file or a loaded checkpoint in any layout :func:`lightning_ema.load_ema_state_dict`
     reads (``module`` names the positional ones), or a plain ``{name: tensor}`` state dict (file or mapping).
     """
-    from lightning_ema.checkpoint import load_checkpoint, load_ema_state_dict
+    from lightning_ema.checkpoint import ema_states, load_checkpoint, load_ema_state_dict
 
     checkpoint = source if isinstance(source, Mapping) else load_checkpoint(source, weights_only=weights_only)
-    if checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):
+    path = None if isinstance(source, Mapping) else source
+    recognised = ema_states(checkpoint) or detect_format(checkpoint, path) is not None
+    if not recognised and checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):
         return dict(checkpoint)  # a plain state dict
     if not isinstance(source, Mapping):
         from lightning_ema.checkpoint import _Loaded
