@@ -194,7 +194,8 @@ class Storage:
             # must still be updatable in place and usable by autograd afterwards.
             with torch.inference_mode(False):
                 ema = torch.empty(live.shape, dtype=dtype, device=device)
-        with torch.inference_mode(False):
+        # `inference_mode(False)` turns grad mode back on: keep `no_grad`, or a target's parameters refuse the copy.
+        with torch.inference_mode(False), torch.no_grad():
             ema.copy_(initial)
         return ema
 

@@ -664,6 +664,7 @@ class EMACallback(Callback):
             pending = self._run.loaded or (self._handover or {}).get("state")
             return dict(pending) if pending else {}
         state = {"format": FORMAT, "version": VERSION, "config": self._config(), **self._ema.state_dict()}
+        state.pop("shard", None)  # the callback stores shards itself, every rank's in the checkpoint
         sharded = self._ema.sharding
         if sharded:
             # Local shards must not reach rank 0's file; on_save_checkpoint stores them where every rank's go.

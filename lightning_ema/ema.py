@@ -312,11 +312,12 @@ class EMA:
                 f"and dtypes, got target={type(target).__name__} with device={config.device!r}, "
                 f"dtype={config.dtype!r} and {len(config.schedules)} decays."
             )
-        lazy = [name for name, p in module.named_parameters() if nn.parameter.is_lazy(p)]
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        lazy = [name for name, tensor in tensors if nn.parameter.is_lazy(tensor)]
         if lazy:
             raise EMAStateError(
-                f"The module has uninitialized (lazy) parameters {lazy[:5]}: run one forward pass to materialise "
-                "them before creating its EMA."
+                f"The module has uninitialized (lazy) parameters or buffers {lazy[:5]}: run one forward pass to "
+                "materialise them before creating its EMA."
             )
         self.config = config
         self._policy = config.policy
@@ -444,7 +445,10 @@ class EMA:
         try:
             self._storage = self._build(sources)
         except EMAStateError as error:
-            raise EMAStateError(f"The module's tensors changed behind the EMA ({changed + gone}): {error}") from None
+            detail = str(error).replace("The EMA state does not match the model, nothing was loaded; ", "")
+            raise EMAStateError(
+                f"The module's tensors changed behind the EMA ({changed + gone}); the EMA was left as it was: {detail}"
+            ) from None
         return changed + gone
 
     # ------------------------------------------------------------------ update
@@ -612,12 +616,16 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Return counters and EMA tensors: plain values and tensors only (``weights_only`` loadable)."""
-        return {
+        state: dict[str, Any] = {
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
             "step": self._step,
             "emas": [self._storage.ema_by_name(k) for k in range(self.num_emas)],
         }
+        if self._sharding:
+            # Local shards: only the rank that holds them may load them back (see `load_state_dict`).
+            state["shard"] = {"rank": _rank(), "world_size": _world_size()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load counters and EMA tensors saved by :meth:`state_dict` (of an EMA with the same decays).
@@ -631,6 +639,14 @@ class EMA:
         """
         if self.is_swapped:
             raise RuntimeError("Cannot load an EMA state while EMA weights are swapped in.")
+        shard = state.get("shard") if isinstance(state, Mapping) else None
+        here = {"rank": _rank(), "world_size": _world_size()}
+        if shard is not None and shard != here:
+            raise EMAStateError(
+                f"The EMA state holds the local shards of rank {shard.get('rank')!r} of {shard.get('world_size')!r}, "
+                f"but this is rank {here['rank']} of {here['world_size']}: nothing was loaded. Save and load one EMA "
+                "state per rank (sharded EMAs are local to their rank)."
+            )
         emas, counters = _checked_state(state, self.num_emas, self.schedules)
         # Names and shapes are checked before anything is written (into a target's tensors too).
         self._storage = self._build(emas)
@@ -685,3 +701,13 @@ def _checked_state(
     last = int(state["last_update_step"])
     step = int(state.get("step", last))
     return list(emas), (int(state["num_updates"]), last, max(step, last))
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def _world_size() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
