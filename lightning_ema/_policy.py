@@ -16,6 +16,7 @@ Options that other libraries' rules need, each general:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,6 +101,34 @@ class StepPolicy:
     def decays_at(self, step: int) -> tuple[float, ...]:
         """The per-step decay of each EMA at ``step`` (what is logged as ``ema/decay``)."""
         return tuple(schedule(step - self._origin) for schedule in self.schedules)
+
+    def share_left(self, step: int, total: int, *, max_updates: int = 100_000) -> list[float] | None:
+        """The weight each EMA still gives its value at ``step`` after the updates up to step ``total``.
+
+        ``None`` if no averaging update lies in ``(step, total]``, or (``decay_per="update"``) more than
+        ``max_updates`` would have to be walked.
+
+        Example:
+            >>> from lightning_ema.schedules import ConstantDecay
+            >>> [round(s, 4) for s in StepPolicy((ConstantDecay(0.9),), every_n_steps=2).share_left(0, 4)]
+            [0.6561]
+            >>> [round(s, 4) for s in StepPolicy((ConstantDecay(0.9),), 2, decay_per="update").share_left(0, 4)]
+            [0.81]
+        """
+        if self.stop_step is not None:
+            total = min(total, self.stop_step)
+        first = max(step, self.start_step) + 1
+        if total < first:
+            return None
+        if self.decay_per == "step":
+            origin = self._origin
+            return [schedule.interval_decay(first - origin, total - origin) for schedule in self.schedules]
+        n, offset = self.every_n_steps, self._origin + self.phase
+        due = offset + ((first - 1 - offset) // n + 1) * n  # the first due step >= first
+        if due > total or (total - due) // n >= max_updates:
+            return None
+        steps = range(due, total + 1, n)
+        return [math.prod(schedule(t - self._origin) for t in steps) for schedule in self.schedules]
 
     def describe(self) -> Sequence[str]:
         """The schedules as text, one per EMA."""

@@ -387,11 +387,8 @@ class EMACallback(Callback):
             if not math.isfinite(estimated):
                 return
             total = int(estimated)
-        first = max(trainer.global_step, self._ema_config.start_step) + 1
-        if total < first:
-            return
-        for schedule in self.schedules:
-            share = schedule.interval_decay(first, total)
+        shares = self._ema_config.policy.share_left(trainer.global_step, total)
+        for schedule, share in zip(self.schedules, shares or (), strict=False):
             if share > _STALE_SHARE:
                 rank_zero_warn(
                     f"EMACallback: with {schedule!r}, the EMA at the end of this run ({total} optimizer steps) is "

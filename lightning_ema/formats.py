@@ -8,24 +8,22 @@ pickle that would run code is refused.
 
 Layouts (the name passed as ``format=``, and how it is recognised when ``format`` is ``None``):
 
-==============  ================================================================================================
-``lightning``   Lightning ``EMAWeightAveraging``: ``state_dict`` is the average, the raw weights are in
-                ``current_model_state`` (next to ``averaging_state``).
-``nemo``        NeMo ``EMA``: ``X-EMA.ckpt`` beside ``X.ckpt`` is a Lightning checkpoint whose ``state_dict`` is
-                the EMA (read from the path of either file; its optimizer states hold ``"ema"`` lists).
-``timm``        timm's training checkpoints: ``state_dict_ema`` (or ``model_ema``), ``module.`` prefixes removed.
-``mmengine``    mmengine ``EMAHook`` (mmdet, mmyolo ``ExpMomentumEMA``, mmagic, mmpretrain): ``state_dict`` is the
-                EMA, ``ema_state_dict`` holds the raw weights under ``module.``.
-``mean-teacher``  mmdet semi-supervised detectors (``MeanTeacherHook``) and ``MeanTeacherModule``: ``teacher.*``
-                next to ``student.*``; the teacher is returned under the student's names.
-``mmagic``      mmagic GANs: ``generator_ema.*`` (or ``generator_ema.module.*``) next to ``generator.*``; each
-                ``X_ema`` is returned under ``X``'s names, with the other tensors (the discriminator) as saved.
-``mmcv``        mmcv 1.x ``EMAHook``: ``ema_<name with _ for .>`` buffers in ``state_dict`` next to each parameter;
-                the parameters' EMAs are returned under their names, buffers as saved.
-``ema-pytorch`` lucidrains' ema-pytorch ``EMA.state_dict()``: ``ema_model.*`` next to ``initted`` and ``step``.
-``diffusers``   diffusers ``EMAModel.state_dict()``: ``shadow_params``, a list in the order of the parameters.
-``torch-ema``   torch-ema ``ExponentialMovingAverage.state_dict()``: ``shadow_params`` with ``num_updates``.
-==============  ================================================================================================
+- ``lightning``: Lightning ``EMAWeightAveraging``: ``state_dict`` is the average, the raw weights are in
+  ``current_model_state`` (next to ``averaging_state``).
+- ``nemo``: NeMo ``EMA``: ``X-EMA.ckpt`` beside ``X.ckpt`` is a Lightning checkpoint whose ``state_dict`` is the EMA
+  (read from the path of either file; its optimizer states hold ``"ema"`` lists).
+- ``timm``: timm's training checkpoints: ``state_dict_ema`` (or ``model_ema``), ``module.`` prefixes removed.
+- ``mmengine``: mmengine ``EMAHook`` (mmdet, mmyolo ``ExpMomentumEMA``, mmagic, mmpretrain): ``state_dict`` is the
+  EMA, ``ema_state_dict`` holds the raw weights under ``module.``.
+- ``mean-teacher``: mmdet semi-supervised detectors (``MeanTeacherHook``) and ``MeanTeacherModule``: ``teacher.*``
+  next to ``student.*``; the teacher is returned under the student's names.
+- ``mmagic``: mmagic GANs: ``generator_ema.*`` (or ``generator_ema.module.*``) next to ``generator.*``; each
+  ``X_ema`` is returned under ``X``'s names, with the other tensors (the discriminator) as saved.
+- ``mmcv``: mmcv 1.x ``EMAHook``: ``ema_<name with _ for .>`` buffers in ``state_dict`` next to each parameter;
+  the parameters' EMAs are returned under their names, buffers as saved.
+- ``ema-pytorch``: lucidrains' ema-pytorch ``EMA.state_dict()``: ``ema_model.*`` next to ``initted`` and ``step``.
+- ``diffusers``: diffusers ``EMAModel.state_dict()``: ``shadow_params``, a list in the order of the parameters.
+- ``torch-ema``: torch-ema ``ExponentialMovingAverage.state_dict()``: ``shadow_params`` with ``num_updates``.
 
 ``diffusers`` and ``torch-ema`` keep their averages as positional lists without names, so they can only be
 read with the module they were made from: its ``named_parameters()`` give the names, paired by order (and
