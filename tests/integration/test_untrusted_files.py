@@ -402,3 +402,30 @@ def test_unsafe_load_of_an_empty_file_is_one_line_and_exit_code_2(tmp_path: Path
     assert run.stderr.strip().splitlines() == [f"error: {str(empty)!r} is empty (0 bytes), not a checkpoint: an "
                                               "interrupted save or copy leaves such files."]  # fmt: skip
     assert not (tmp_path / "ema.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- foreign layouts
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (
+            lambda t: t.index_fill(0, torch.tensor([0]), float("nan")),
+            "holds 4 NaN or infinite values (of 64)",
+        ),  # row 0 of a 16x4 weight
+        (lambda t: torch.empty_like(t, device="meta"), "is a meta tensor"),
+        (lambda t: t.to_sparse(), "torch.sparse_coo tensor"),
+    ],
+    ids=["NaN", "meta", "sparse"],
+)
+def test_another_librarys_ema_passes_the_same_validation(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Tensor], Tensor], words: str
+) -> None:
+    weights = load_ema_state_dict(trained)
+    ema = {**weights, "net.0.weight": make(weights["net.0.weight"].clone())}
+    path = tmp_path / "timm.pth.tar"
+    torch.save({"state_dict": weights, "state_dict_ema": ema}, path)  # timm's training checkpoint layout
+    with pytest.raises(EMAStateError) as info:
+        load_ema_state_dict(path)
+    assert "The timm EMA of" in str(info.value) and "'net.0.weight'" in str(info.value) and words in str(info.value)
+    assert main(["export", str(path), str(tmp_path / "ema.pt")]) == 2
+    assert words in one_error_line(capsys)

@@ -19,6 +19,7 @@ from lightning_ema.schedules import (
     ExponentialRampDecay,
     HalfLifeDecay,
     KarrasDecay,
+    MomentumWarmupDecay,
     PowerDecay,
     WarmupDecay,
     as_schedule,
@@ -45,6 +46,9 @@ SCHEDULES: list[DecaySchedule] = [
     PowerDecay(decay=0.999, inv_gamma=10.0, power=0.75, min_decay=0.5),
     ExponentialRampDecay(),
     ExponentialRampDecay(decay=0.99, gamma=20),
+    MomentumWarmupDecay(),
+    MomentumWarmupDecay(momentum=0.5, warmup=10),
+    MomentumWarmupDecay(momentum=0.2, warmup=0.5),
     CosineDecay(start=0.996, end=0.9999, total_steps=1000),
     CosineDecay(start=0.99, end=0.9, total_steps=50),
     CosineDecay(start=0.5, end=0.9, total_steps=1),
@@ -663,6 +667,7 @@ EQUAL_PAIRS = [
     (KarrasDecay(gamma=7), KarrasDecay(gamma=7.0)),
     (CosineDecay(0, 1, 10), CosineDecay(0.0, 1.0, 10)),
     (ConstantDecay(0), ConstantDecay(0.0)),
+    (MomentumWarmupDecay(0.5, 10), MomentumWarmupDecay(0.5, 10.0)),
 ]
 
 
@@ -684,6 +689,7 @@ OLD_REPRS = {  # reprs as versions before the normalisation wrote them into chec
         "PowerDecay(decay=0.9999, inv_gamma=1.0, power=1.0, min_decay=0.0)"
     ),
     "ConstantDecay(decay=0.9)": "ConstantDecay(decay=0.9)",
+    "MomentumWarmupDecay(momentum=0.0002, warmup=100)": "MomentumWarmupDecay(momentum=0.0002, warmup=100.0)",
     "CosineDecay(start=0.9, end=1, total_steps=10)": "CosineDecay(start=0.9, end=1.0, total_steps=10)",
 }
 
@@ -725,6 +731,7 @@ TAMPERED: list[tuple[DecaySchedule, str, object]] = [
     (CosineDecay(0.9, 0.99, 10), "end", 1.5),
     (CosineDecay(0.9, 0.99, 10), "total_steps", 0),
     (KarrasDecay(gamma=1.0), "_gamma_argument", -2.0),
+    (MomentumWarmupDecay(), "momentum", 0.0),
 ]
 
 
