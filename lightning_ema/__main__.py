@@ -78,15 +78,19 @@ def _posthoc_outputs(output: str, sigma_rels: list[float], given: list[str]) -> 
     return [path.with_name(f"{path.stem}-sigma{text}{path.suffix}") for text in given]
 
 
-def _posthoc(args: argparse.Namespace) -> int:
+def _posthoc(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     """Run ``posthoc``: one synthesised state dict per ``--sigma-rel``; errors as one line and exit code 2."""
     # `--sigma-rel` takes one or more values, so argparse hands it the positionals that follow it too.
     given = list(args.sigma_rel)
     trailing: list[str] = []
     while given and not _is_number(given[-1]):
         trailing.insert(0, given.pop())
-    positionals = [value for value in (args.dirpath, args.output) if value is not None] + trailing
+    found = [value for value in (args.dirpath, args.output) if value is not None] + trailing + extra
+    positionals = _in_order(found, argv)
     try:
+        unknown = [value for value in extra if value.startswith("-")]
+        if unknown:
+            raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
         if len(positionals) != 2 or not given:
             raise ValueError(
                 "usage: python -m lightning_ema posthoc DIR --sigma-rel SIGMA_REL [SIGMA_REL ...] OUT, got "
@@ -112,6 +116,17 @@ def _posthoc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _in_order(values: list[str], argv: list[str]) -> list[str]:
+    """``values`` sorted by where they appear on the command line (each occurrence claimed once)."""
+    claimed: set[int] = set()
+    positions = []
+    for value in values:
+        index = next((i for i, arg in enumerate(argv) if arg == value and i not in claimed), len(argv))
+        claimed.add(index)
+        positions.append(index)
+    return [value for _, value in sorted(zip(positions, values, strict=True), key=lambda pair: pair[0])]
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -122,9 +137,13 @@ def _is_number(text: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
     if args.command == "posthoc":
-        return _posthoc(args)
+        # its positionals may follow options: argparse leaves those over, or hands them to --sigma-rel
+        return _posthoc(args, extra, list(sys.argv[1:] if argv is None else argv))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "list":
             states = ema_states(load_checkpoint(args.checkpoint, weights_only=not args.unsafe_load))

@@ -539,10 +539,13 @@ def _usable(dirpath: str | os.PathLike[str], step: int | None) -> tuple[int, lis
     if step is None:
         target = steps[-1]
     elif isinstance(step, bool) or not isinstance(step, int) or step not in steps:
-        nearby = sorted(steps, key=lambda s: abs(s - step) if isinstance(step, int) else 0)[:3]
+        number = isinstance(step, int) and not isinstance(step, bool)
+        before = [s for s in steps if number and s < step][-1:]
+        after = [s for s in steps if number and s > step][:1]
+        nearby = before + after if number else steps[-1:]
         raise ValueError(
             f"`step` must be the step of a snapshot in {str(dirpath)!r} (the weights after the last snapshot before it "
-            f"are in no snapshot), got {step!r}. Nearest: {sorted(nearby)}; all from {steps[0]} to {steps[-1]}."
+            f"are in no snapshot), got {step!r}. Nearest: {nearby}; all from {steps[0]} to {steps[-1]}."
         )
     else:
         target = step
@@ -691,7 +694,7 @@ def _accumulate(plans: list[SynthesisPlan], snapshots: list[Snapshot], target: i
                         raise ValueError(f"The files of step {snapshot.step} disagree on the shape of {name!r}.")
                     covered[(k, name)] = covered.get((k, name), 0) + tensor.numel()
                     _add(outputs, plans, i, k, name, tensor, shape, where, copy=snapshot.step == target and k == 0)
-        incomplete = sorted(name for (k, name), count in covered.items() if count != math.prod(shapes[name]))
+        incomplete = sorted({name for (_, name), count in covered.items() if count != math.prod(shapes[name])})
         if incomplete:
             raise ValueError(
                 f"The snapshot of step {snapshot.step} does not cover the whole of {incomplete}: shards are missing "
