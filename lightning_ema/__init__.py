@@ -6,9 +6,9 @@ EMA of its student; ``PostHocEMA`` snapshots power-function EMAs so that any EMA
 training (:mod:`lightning_ema.posthoc`). Schedules live in :mod:`lightning_ema.schedules`.
 """
 
-from lightning_ema.averager import EMAAverager
 from lightning_ema.callback import EMACallback
 from lightning_ema.checkpoint import export_ema, load_ema_state_dict
+from lightning_ema.ema import EMA
 from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
 from lightning_ema.mean_teacher import MeanTeacherModule
 from lightning_ema.posthoc_callback import PostHocEMA
@@ -16,7 +16,7 @@ from lightning_ema.posthoc_callback import PostHocEMA
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMAAverager",
+    "EMA",
     "EMACallback",
     "EMAStateError",
     "MeanTeacherModule",

@@ -1,29 +1,59 @@
-"""``EMACallback``: the Lightning hooks that drive an :class:`~lightning_ema.averager.EMAAverager`."""
+"""``EMACallback``: the Lightning hooks that drive a :class:`~lightning_ema.EMA`, and which EMA each run uses.
+
+One rule decides which EMA an entry point uses (README, "What the EMA does when..."): the EMA belongs to one
+module object, one run and one step count.
+
+- ``fit`` without ``ckpt_path`` starts a new EMA from the module's weights, unless it continues this Trainer's
+  previous ``fit`` of the same module; ``fit(ckpt_path=...)`` continues the checkpoint's EMA.
+- ``validate``/``test``/``predict`` with ``ckpt_path`` evaluate that checkpoint's EMA; without it, the EMA of the
+  very module being evaluated, or, for any other module, that module's own weights (with one warning).
+- Spawn launchers hand the EMA back to the main process (a file the worker writes at the end of ``fit``).
+- Before each evaluation and at each epoch start the EMA re-pairs by name with tensors that were replaced.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
+import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ema._validate import check_bool, check_choice, check_int
-from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
 from lightning_ema.checkpoint import FORMAT, VERSION, config_changes, ema_states, load_sharded_ema, shard_key
+from lightning_ema.ema import EMA, BufferPolicy, EMAConfig, NonFinitePolicy
 from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
-from lightning_ema.mean_teacher import MeanTeacherModule
 from lightning_ema.schedules import ConstantDecay, DecaySchedule
 from lightning_ema.sharding import is_sharded, to_dtensor
 
 __all__ = ["EMACallback"]
+
+#: Above this share of the initial weights left in the EMA at the end of ``fit``, the callback warns.
+_STALE_SHARE = 0.5
+
+
+@dataclass
+class _Run:
+    """What the callback knows of the Trainer run in progress (reset by ``setup``)."""
+
+    fn: str = ""
+    loaded: dict[str, Any] | None = None  # an EMA state this run's checkpoint delivered
+    restart: bool = False  # this run's checkpoint has no EMA
+    resolved: bool = False
+    warned: set[str] = field(default_factory=set)
 
 
 class EMACallback(Callback):
@@ -97,7 +127,7 @@ class EMACallback(Callback):
         suffix: str = "_ema",
         distance_every_n_steps: int = 100,
     ) -> None:
-        self._averager = EMAAverager(
+        self._ema_config = EMAConfig.create(
             decay,
             every_n_steps=every_n_steps,
             start_step=start_step,
@@ -114,26 +144,39 @@ class EMACallback(Callback):
             raise ValueError(f"`suffix` must be a non-empty string such as '_ema', got {suffix!r}.")
         self.suffix = suffix
         self.distance_every_n_steps = check_int("distance_every_n_steps", distance_every_n_steps, 0)
+        self._ema: EMA | None = None
+        self._run = _Run()
+        self._fit_trainer: Any = None  # a weak reference to the Trainer whose `fit` made `_ema`
         self._multi_pass: MultiPassEvaluation | None = None
         self._log_tags = self._tags_for(position=None)
-        self._restart_from_weights = False
         self._swapped_for_stage = False
         self._distance_due = False
+        # Spawn launchers run `fit` in a copy of this callback: the worker leaves the EMA in this file.
+        self._owner_pid = os.getpid()
+        self._handover_path = Path(tempfile.gettempdir()) / f"lightning_ema-{self._owner_pid}-{uuid.uuid4().hex}.pt"
+        self._handover: dict[str, Any] | None = None
+        weakref.finalize(self, _remove_if_owner, self._handover_path, self._owner_pid)
 
     # ------------------------------------------------------------------ public state
     @property
     def schedule(self) -> DecaySchedule:
         """The decay schedule (a float ``decay`` becomes a ``ConstantDecay``); the first one if several."""
-        return self._averager.schedule
+        return self._ema_config.schedules[0]
 
     @property
     def schedules(self) -> tuple[DecaySchedule, ...]:
         """One schedule per EMA, in the order ``decay`` gave them."""
-        return self._averager.schedules
+        return self._ema_config.schedules
+
+    @property
+    def ema(self) -> EMA | None:
+        """The :class:`~lightning_ema.EMA` this callback drives (``None`` before ``fit`` or a checkpoint made one)."""
+        self._take_handover()
+        return self._ema
 
     @property
     def _several(self) -> bool:
-        return self._averager.num_emas > 1
+        return len(self._ema_config.schedules) > 1
 
     def _tags_for(self, position: int | None) -> list[str]:
         """Log-key tags, one per EMA: ``ema/decay``, ``ema/decay/0.999``, ``ema/decay/1`` or ``ema/decay/1/0.999``.
@@ -154,7 +197,12 @@ class EMACallback(Callback):
     @property
     def num_updates(self) -> int:
         """How many times the EMA was updated (copies during ``start_step`` included)."""
-        return self._averager.num_updates
+        self._take_handover()
+        if self._ema is not None:
+            return self._ema.num_updates
+        if self._handover is not None:
+            return int(self._handover["state"]["num_updates"])
+        return 0
 
     def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Return the EMA tensors under the LightningModule's ``state_dict`` names.
@@ -168,7 +216,18 @@ class EMACallback(Callback):
         Raises:
             RuntimeError: if no EMA exists yet (it is created when ``fit`` starts).
         """
-        return self._averager.ema_state_dict(index)
+        self._take_handover()
+        if self._ema is not None:
+            return self._ema.ema_state_dict(index)
+        if self._handover is not None:
+            emas = self._handover["state"]["emas"]
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(emas):
+                raise ValueError(f"`index` must be an integer in [0, {len(emas)}), got {index!r}.")
+            return dict(emas[index])
+        raise RuntimeError(
+            "The EMA has not been created yet: it is created when `fit` starts, or loaded by "
+            "`trainer.validate/test/predict(ckpt_path=...)`."
+        )
 
     @contextmanager
     def swapped(self, pl_module: pl.LightningModule, index: int = 0) -> Iterator[pl.LightningModule]:
@@ -179,71 +238,204 @@ class EMACallback(Callback):
         (except with ``weights_only=True``, where Lightning runs no callback hook).
 
         Raises:
-            RuntimeError: if no EMA of ``pl_module`` exists yet.
+            RuntimeError: if this callback holds no EMA of ``pl_module``.
         """
-        if not self._averager.bound_to(pl_module):
+        self._take_handover()
+        if self._ema is None and self._handover is not None:
+            self._adopt_handover(pl_module)
+        if self._ema is None or self._ema.module is not pl_module:
             raise RuntimeError(
-                "This EMACallback holds no EMA of the given module: the EMA is created when `fit` starts, "
-                "for the LightningModule that the Trainer runs."
+                "This EMACallback holds no EMA of the given module: an EMA is created when `fit` starts, for the "
+                "module that `fit` trains (or loaded by `trainer.validate/test/predict(ckpt_path=...)` for the module "
+                "evaluated). For a checkpoint's EMA, use `load_ema_state_dict(path)` or evaluate with `ckpt_path=`."
             )
-        with self._averager.swapped(index):
+        self._ema.refresh()
+        with self._ema.swapped(index):
             yield pl_module
 
     @property
     @override
     def state_key(self) -> str:
         decays = [repr(schedule) for schedule in self.schedules]
+        config = self._ema_config
         return self._generate_state_key(
             # a single decay keeps the key it had before several decays existed, so old checkpoints match
             decay=decays if self._several else decays[0],
-            include=self._averager.include,
-            exclude=self._averager.exclude,
+            include=config.include,
+            exclude=config.exclude,
         )
 
     def _config(self) -> dict[str, Any]:
-        averager = self._averager
-        return {
-            "decays": [repr(schedule) for schedule in averager.schedules],
-            "every_n_steps": averager.every_n_steps,
-            "start_step": averager.start_step,
-            "device": None if averager.device is None else str(averager.device),
-            "dtype": None if averager.dtype is None else str(averager.dtype),
-            "buffers": averager.buffers,
-            "include": None if averager.include is None else list(averager.include),
-            "exclude": None if averager.exclude is None else list(averager.exclude),
-        }
+        return self._ema_config.describe()
 
-    # ------------------------------------------------------------------ binding
-    def _ensure_bound(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        averager = self._averager
-        restarting = self._restart_from_weights
-        if restarting:
-            self._restart_from_weights = False
-            averager.reset()
-        if averager.bound_to(pl_module):
-            return
-        fresh = not averager.is_bound and not averager.has_pending_state
-        if fresh and not restarting and trainer.state.fn != "fit":
+    # ------------------------------------------------------------------ which EMA a run uses
+    def _new_ema(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA | None:
+        """Create the EMA of ``pl_module``'s current weights, or ``None`` while it has lazy parameters."""
+        if any(nn.parameter.is_lazy(p) for p in pl_module.parameters()):
+            self._note(
+                "lazy",
+                "EMACallback: the module has uninitialized (lazy) parameters; the EMA is created from them once "
+                "the first forward has materialised them, before the first optimizer step.",
+                warn=False,
+            )
+            return None
+        ema = EMA.from_config(pl_module, self._ema_config, step=trainer.global_step)
+        if trainer.state.fn == "fit":
+            self._warn_if_stale(trainer, ema)
+        return ema
+
+    def _load(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]) -> EMA:
+        """Create ``pl_module``'s EMA from a saved state (names and shapes checked; nothing half-loaded)."""
+        ema = EMA.from_config(pl_module, self._ema_config, step=0)
+        ema.load_state_dict(state)
+        step = trainer.global_step
+        if trainer.state.fn == "fit" and ema.step > step:
             rank_zero_warn(
-                f"EMACallback has no EMA for this {trainer.state.fn} run (no `fit` ran with it and no checkpoint"
-                " with an EMA was loaded), so the EMA starts as a copy of the current weights and evaluating"
-                " with it equals evaluating the raw weights. Pass the `ckpt_path` of a checkpoint written with"
-                " EMACallback to evaluate its EMA.",
+                f"The loaded EMA was last updated at optimizer step {ema.last_update_step}, ahead of this run's step "
+                f"{step} (an imported or edited state): the EMA is kept and counts its steps from {step} on.",
                 category=UserWarning,
             )
-        # A module may declare tensors that are averages already (MeanTeacherModule's teacher).
-        averager.bind(pl_module, trainer.global_step, extra_exclude=tuple(getattr(pl_module, "ema_exclude", ())))
+            ema.count_steps_from(step)
+        return ema
+
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA | None:
+        """Decide once per run which EMA the run uses; return it if it is ``pl_module``'s (else ``None``)."""
+        run = self._run
+        if not run.resolved:
+            run.resolved = True
+            self._take_handover()
+            loaded, run.loaded = run.loaded, None
+            fitting = trainer.state.fn == "fit"
+            if loaded is not None:
+                self._ema, self._handover = self._load(trainer, pl_module, loaded), None
+                self._fit_trainer = None  # a later `fit` without `ckpt_path` does not continue a loaded EMA
+            elif fitting:
+                self._resolve_fit(trainer, pl_module)
+            elif self._ema is None and self._handover is not None:
+                self._adopt_handover(pl_module)
+            if fitting:
+                self._fit_trainer = weakref.ref(trainer)
+        if self._ema is not None and self._ema.module is pl_module:
+            self._ema.refresh()
+            return self._ema
+        return None
+
+    def _resolve_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ema = self._ema
+        previous_fit = self._fit_trainer() if self._fit_trainer is not None else None
+        continuing = (
+            not self._run.restart
+            and ema is not None
+            and ema.module is pl_module
+            and previous_fit is trainer
+            and ema.step <= trainer.global_step
+        )
+        if continuing:
+            return
+        if (ema is not None or self._handover is not None) and not self._run.restart:
+            rank_zero_info(
+                "EMACallback: this `fit` has no `ckpt_path`, so it starts a new EMA from the model's weights (the "
+                "previous EMA is dropped). Pass `ckpt_path=` to continue a saved EMA."
+            )
+        self._handover = None
+        self._ema = self._new_ema(trainer, pl_module)
+
+    def _note(self, key: str, message: str, *, warn: bool = True) -> None:
+        """Say ``message`` once per run (a warning, or an info line)."""
+        if key in self._run.warned:
+            return
+        self._run.warned.add(key)
+        if warn:
+            rank_zero_warn(message, category=UserWarning)
+        else:
+            rank_zero_info(message)
+
+    def _warn_if_stale(self, trainer: pl.Trainer, ema: EMA) -> None:
+        """Warn if, at the end of this run, the EMA would still be mostly the weights it starts from."""
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if total is None:
+            try:
+                estimated = trainer.estimated_stepping_batches
+            except Exception:
+                return
+            if not math.isfinite(estimated):
+                return
+            total = int(estimated)
+        first = max(trainer.global_step, self._ema_config.start_step) + 1
+        if total < first:
+            return
+        for schedule in self.schedules:
+            share = schedule.interval_decay(first, total)
+            if share > _STALE_SHARE:
+                rank_zero_warn(
+                    f"EMACallback: with {schedule!r}, the EMA at the end of this run ({total} optimizer steps) is "
+                    f"still {share:.0%} the initial weights, so evaluating and saving it mostly shows untrained "
+                    "weights. Use a smaller decay (time constant 1/(1-decay) well below the run's length) or a "
+                    "warm-up schedule such as `WarmupDecay`.",
+                    category=UserWarning,
+                )
+                return
+
+    # ------------------------------------------------------------------ spawn hand-over
+    def _take_handover(self) -> None:
+        """Pick up the EMA a spawned ``fit`` worker left for this (main) process."""
+        path = self._handover_path
+        if not path.is_file():
+            return
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return
+        if os.getpid() == self._owner_pid:
+            path.unlink(missing_ok=True)
+        self._handover, self._ema = payload, None
+
+    def _write_handover(self, trainer: pl.Trainer) -> None:
+        """In a spawned worker (rank 0), leave the EMA for the main process."""
+        ema = self._ema
+        if ema is None or os.getpid() == self._owner_pid or trainer.global_rank != 0 or ema.sharding:
+            return
+        state = {"format": FORMAT, "version": VERSION, "config": self._config(), **ema.state_dict()}
+        payload = {"state": state, "digest": _digest(ema.raw_state_dict())}
+        partial_path = self._handover_path.with_suffix(".part")
+        torch.save(payload, partial_path)
+        os.replace(partial_path, self._handover_path)
+
+    def _adopt_handover(self, pl_module: pl.LightningModule) -> None:
+        """Bind a handed-over EMA to ``pl_module`` if it holds the raw weights that ``fit`` ended with."""
+        handover = self._handover
+        if handover is None:
+            return
+        live = pl_module.state_dict()
+        digest = handover["digest"]
+        if not set(digest) <= set(live):
+            return
+        now = _digest({name: live[name] for name in digest})
+        if now.keys() == digest.keys() and all(
+            math.isclose(now[name], value, rel_tol=1e-9, abs_tol=1e-12) for name, value in digest.items()
+        ):
+            ema = EMA.from_config(pl_module, self._ema_config, step=0)
+            ema.load_state_dict(handover["state"])
+            self._ema, self._handover = ema, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle for spawn launchers (a hand-over waiting in the file travels with the callback)."""
+        self._take_handover()
+        state = self.__dict__.copy()
+        state["_fit_trainer"] = None  # weak references do not pickle
+        return state
 
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse strategies whose parameters the EMA cannot follow; name the decay metric if there are several."""
+        """Start a new run; refuse configurations the EMA cannot serve; name the decay metric if there are several."""
         _refuse_unsupported_strategy(trainer.strategy)
-        if self.evaluate != "raw" and isinstance(pl_module, MeanTeacherModule) and pl_module.evaluate == "teacher":
+        self._run = _Run(fn=str(getattr(trainer.state.fn, "value", trainer.state.fn)))
+        if self.evaluate != "raw" and getattr(pl_module, "ema_evaluates_own_average", False):
             raise ValueError(
-                f"{type(pl_module).__name__} evaluates its teacher, and EMACallback(evaluate={self.evaluate!r}) would "
-                "put its own EMA of the student over it. Choose one: `EMACallback(evaluate='raw')` to evaluate the "
-                "teacher, or the module's `evaluate='student'` to evaluate the callback's EMA."
+                f"{type(pl_module).__name__} evaluates its teacher (an average of its own), and "
+                f"EMACallback(evaluate={self.evaluate!r}) would put its EMA over it. Choose one: "
+                "`EMACallback(evaluate='raw')`, or the module's `evaluate='student'` to evaluate the callback's EMA."
             )
         siblings = _ema_callbacks(trainer)
         swapping = [callback for callback in siblings if callback.evaluate != "raw"]
@@ -254,47 +446,92 @@ class EMACallback(Callback):
                 "`evaluate='raw'` on all but one of them."
             )
         self._log_tags = self._tags_for(siblings.index(self) if len(siblings) > 1 else None)
+        if stage == "fit" and any(
+            isinstance(c, ModelCheckpoint) and c.save_weights_only
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+        ):
+            self._note(
+                "weights_only",
+                "ModelCheckpoint(save_weights_only=True) writes checkpoints without callback states, so they hold "
+                "no EMA (`load_ema_state_dict` and `ckpt_path=` will find none). Save full checkpoints to keep it.",
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Create the EMA from the model (or from the checkpoint being resumed) before the first step."""
-        self._ensure_bound(trainer, pl_module)
+        """Create the EMA from the model (or take the checkpoint's, when resuming) before the first step."""
+        self._resolve(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-pair the EMA by name with tensors replaced since the last check (reassigned buffers, SWA)."""
+        if self._ema is not None:
+            self._ema.refresh()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Create the EMA of a lazy module once its first forward has materialised it, before its first step."""
+        if self._ema is None and self._run.resolved and trainer.state.fn == "fit":
+            self._ema = self._new_ema(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Update the EMA if an optimizer step due for an update happened in this batch; log when loggers write."""
-        averager = self._averager
-        step, previous = trainer.global_step, averager.last_update_step
+        ema = self._ema
+        if ema is None:
+            return
+        step, previous = trainer.global_step, ema.last_update_step
         every = self.distance_every_n_steps
-        if averager.update(step) is not None and every and step // every > previous // every:
+        if ema.update(step) is not None and every and step // every > previous // every:
             self._distance_due = True  # a multiple of `every` lies in (previous, step]
         # `self.log` costs about half a millisecond: call it only on the steps the loggers write.
-        if not averager.last_decays or not _loggers_write_now(trainer):
+        if not ema.last_decays or not _loggers_write_now(trainer):
             return
-        for tag, decay in zip(self._log_tags, averager.last_decays, strict=True):
+        for tag, decay in zip(self._log_tags, ema.last_decays, strict=True):
             pl_module.log(f"ema/decay{tag}", decay, on_step=True, on_epoch=False, batch_size=1)
         if self._distance_due:
             self._distance_due = False
-            for tag, distance in zip(self._log_tags, averager.relative_distances(), strict=True):
+            for tag, distance in zip(self._log_tags, ema.relative_distances(), strict=True):
                 pl_module.log(f"ema/distance{tag}", distance, on_step=True, on_epoch=False, batch_size=1)
 
     def _begin_evaluation(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_name: str | None = None
     ) -> None:
-        self._ensure_bound(trainer, pl_module)
-        self._averager.take_rank_zero_buffers()
+        ema = self._resolve(trainer, pl_module)
+        if ema is None:
+            if self.evaluate != "raw" and not trainer.sanity_checking:
+                self._explain_raw_evaluation(trainer)
+            return
+        ema.take_rank_zero_buffers()
         several_passes = self.evaluate == "both" or (self.evaluate == "ema" and self._several)
         if several_passes and step_name is not None:
             passes = [EvaluationPass("", nullcontext)] if self.evaluate == "both" else []
             for index, suffix in enumerate(self.suffixes()):
-                passes.append(EvaluationPass(suffix, partial(self._averager.swapped, index)))
+                passes.append(EvaluationPass(suffix, partial(ema.swapped, index)))
             self._multi_pass = MultiPassEvaluation(pl_module, step_name, passes)
             self._multi_pass.install()
         elif self.evaluate != "raw" and not self._swapped_for_stage:
-            self._averager.swap_in()
+            ema.swap_in()
             self._swapped_for_stage = True
+
+    def _explain_raw_evaluation(self, trainer: pl.Trainer) -> None:
+        fn = self._run.fn or "evaluation"
+        if self._run.restart:
+            detail = "the checkpoint being loaded holds no EMA"
+        elif self._ema is not None or self._handover is not None:
+            detail = "its EMA belongs to another module instance (the one `fit` trained), not the one being evaluated"
+        elif trainer.state.fn == "fit":
+            detail = "the EMA is not created yet (a lazy module is materialised by the first training step)"
+        else:
+            detail = "no `fit` ran with it and no checkpoint with an EMA was loaded"
+        self._note(
+            "raw",
+            f"EMACallback: this {fn} run evaluates the module's own (raw) weights: {detail}. To evaluate a "
+            f"checkpoint's EMA, pass its path: `trainer.{fn}(model, ckpt_path=...)`.",
+        )
 
     def _end_evaluation(self) -> None:
         if self._multi_pass is not None:
@@ -302,7 +539,8 @@ class EMACallback(Callback):
             self._multi_pass = None
         if self._swapped_for_stage:
             self._swapped_for_stage = False
-            self._averager.swap_out()
+            if self._ema is not None:
+                self._ema.swap_out()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -341,44 +579,49 @@ class EMACallback(Callback):
             self._multi_pass.uninstall()
             self._multi_pass = None
         self._swapped_for_stage = False
-        self._averager.swap_out(force=True)
+        if self._ema is not None:
+            self._ema.swap_out(force=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give every rank rank 0's buffer EMA, so that what follows training (export, test) agrees across ranks."""
-        self._averager.take_rank_zero_buffers()
+        if self._ema is not None:
+            self._ema.take_rank_zero_buffers()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Copy the EMA into the model if ``apply_at_end``."""
-        if self.apply_at_end and self._averager.is_bound:
-            self._averager.copy_to_module()
+        """Copy the EMA into the model if ``apply_at_end``; hand the EMA to the main process from a spawned worker."""
+        if self.apply_at_end and self._ema is not None:
+            self._ema.copy_to()
+        self._write_handover(trainer)
 
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Keep the raw weights in ``checkpoint["state_dict"]``; store sharded EMA where every rank's shard is saved."""
-        averager = self._averager
+        ema = self._ema
         state_dict = checkpoint.get("state_dict")
-        sharding = averager.sharding if averager.is_bound else {}
+        if ema is None or ema.module is not pl_module:
+            return
+        sharding = ema.sharding
         # A distributed checkpoint holds DTensors; a single-file one full tensors on rank 0 (nothing on the others).
         distributed = state_dict is not None and any(is_sharded(value) for value in state_dict.values())
         if sharding:
             own = (checkpoint.get("callbacks") or {}).get(self.state_key)
-            for index in range(averager.num_emas):
-                ema = averager.ema_state_dict(index)
+            for index in range(ema.num_emas):
+                averages = ema.ema_state_dict(index)
                 for name, layout in sharding.items():
-                    shards = to_dtensor(ema[name], layout)
+                    shards = to_dtensor(averages[name], layout)
                     if distributed and state_dict is not None:
                         state_dict[shard_key(self.state_key, index, name)] = shards
                     else:
                         full = shards.full_tensor()  # type: ignore[attr-defined]  # a collective: every rank
                         if own is not None:
                             own["emas"][index][name] = full
-        if not averager.is_swapped or state_dict is None:
+        if not ema.is_swapped or state_dict is None:
             return
-        for name, raw in averager.raw_by_name().items():
+        for name, raw in ema.raw_state_dict().items():
             raw_layout = sharding.get(name)
             if raw_layout is not None:
                 raw = to_dtensor(raw, raw_layout)
@@ -390,11 +633,13 @@ class EMACallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Return the EMA, its counters and a configuration fingerprint (tensors and plain values only)."""
-        averager = self._averager
-        if not averager.is_bound and not averager.has_pending_state:
-            return {}
-        state = {"format": FORMAT, "version": VERSION, "config": self._config(), **averager.state_dict()}
-        sharded = averager.sharding if averager.is_bound else {}
+        self._take_handover()
+        if self._ema is None:
+            pending = self._run.loaded or (self._handover or {}).get("state")
+            return dict(pending) if pending else {}
+        state = {"format": FORMAT, "version": VERSION, "config": self._config(), **self._ema.state_dict()}
+        state.pop("shard", None)  # the callback stores shards itself, every rank's in the checkpoint
+        sharded = self._ema.sharding
         if sharded:
             # Local shards must not reach rank 0's file; on_save_checkpoint stores them where every rank's go.
             state["emas"] = [{n: t for n, t in ema.items() if n not in sharded} for ema in state["emas"]]
@@ -403,7 +648,7 @@ class EMACallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a saved EMA; it is checked against the model's names and shapes when it is applied."""
+        """Keep a saved EMA for this run; it is checked against the model's names and shapes when it is applied."""
         if state_dict.get("format") != FORMAT:
             raise ValueError(f"The state is not an EMACallback state: keys {sorted(state_dict)!r}.")
         version = state_dict.get("version")
@@ -417,19 +662,22 @@ class EMACallback(Callback):
             saved["decays"] = [saved.pop("decay")]
         details = config_changes(saved, self._config())
         if details:
+            fitting = self._run.fn in ("", "fit")
+            verb, outcome = ("Resuming", "continues") if fitting else ("Loading", "is used")
             rank_zero_warn(
-                f"Resuming an EMA saved with a different configuration ({details}); the saved EMA continues"
+                f"{verb} an EMA saved with a different configuration ({details}); the saved EMA {outcome}"
                 " with the new settings.",
                 category=UserWarning,
             )
-        self._restart_from_weights = False
-        self._averager.load_state_dict(state_dict)
+        self._run.restart = False
+        self._run.loaded = dict(state_dict)
+        self._run.resolved = False
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Find this callback's EMA in the checkpoint, or restart the EMA from the loaded weights with a warning."""
+        """Find this callback's EMA in the checkpoint, or say that the run starts without one."""
         states = ema_states(checkpoint)
         key = self.state_key if self.state_key in states else None
         adopt = key is None and len(states) == 1 and len(_ema_callbacks(trainer)) == 1
@@ -447,12 +695,18 @@ class EMACallback(Callback):
             detail = f"it holds EMA states for other settings only: {sorted(states)!r}"
         else:
             detail = "it holds no EMA state"
+        fitting = trainer.state.fn == "fit"
+        outcome = "the EMA starts from the loaded weights" if fitting else "the loaded raw weights are evaluated"
         rank_zero_warn(
-            f"The checkpoint being loaded has no EMA for {self.state_key} ({detail}); the EMA starts from the"
-            " loaded weights.",
+            f"The checkpoint being loaded has no EMA for {self.state_key} ({detail}); {outcome}.",
             category=UserWarning,
         )
-        self._restart_from_weights = True
+        self._run.restart = True
+        self._run.loaded = None
+        self._run.resolved = False
+        if fitting:
+            self._ema = None
+            self._fit_trainer = None
 
 
 def _refuse_unsupported_strategy(strategy: object) -> None:
@@ -492,3 +746,15 @@ def _ema_callbacks(trainer: pl.Trainer) -> list[EMACallback]:
 def _label(schedule: DecaySchedule, index: int) -> str:
     """Name an EMA by its decay if it is constant (``0.999``), else by its position."""
     return repr(schedule.decay) if isinstance(schedule, ConstantDecay) else str(index)
+
+
+def _digest(tensors: dict[str, Tensor]) -> dict[str, float]:
+    """A float64 sum per floating-point tensor: enough to recognise the weights a spawned ``fit`` ended with."""
+    return {name: float(t.detach().double().sum()) for name, t in tensors.items() if t.is_floating_point()}
+
+
+def _remove_if_owner(path: Path, owner_pid: int) -> None:
+    """Delete a hand-over file nobody read, from the process that made the callback only."""
+    if os.getpid() == owner_pid:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".part").unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """``MeanTeacherModule``: a LightningModule base whose ``teacher`` is the EMA of its ``student``.
 
-The EMA math and the step policy are :class:`~lightning_ema.averager.EMAAverager`'s, bound with the teacher as
-its target, so that the teacher's own tensors are the averages and nothing else is allocated. This module only
+The EMA math and the step policy are :class:`~lightning_ema.EMA`'s, created with the teacher as its target, so
+that the teacher's own tensors are the averages and nothing else is allocated. This module only
 adds the Lightning hooks and the rules that keep the teacher out of optimizers.
 """
 
@@ -19,8 +19,8 @@ from torch import nn
 from typing_extensions import Self, override
 
 from lightning_ema._validate import check_choice
-from lightning_ema.averager import BufferPolicy, EMAAverager, NonFinitePolicy
 from lightning_ema.checkpoint import config_changes
+from lightning_ema.ema import EMA, BufferPolicy, EMAConfig, NonFinitePolicy
 from lightning_ema.schedules import (
     ConstantDecay,
     CosineDecay,
@@ -141,13 +141,14 @@ class MeanTeacherModule(pl.LightningModule):
         nonfinite: NonFinitePolicy = "error",
     ) -> None:
         super().__init__()
-        self._teacher_ema = EMAAverager(
+        self._teacher_config = EMAConfig.create(
             as_schedule(teacher_decay, "teacher_decay"),
             every_n_steps=every_n_steps,
             start_step=start_step,
             buffers=buffers,
             nonfinite=nonfinite,
         )
+        self._teacher_ema: EMA | None = None
         self.teacher_mode = check_choice("teacher_mode", teacher_mode, ("eval", "train"))
         self.evaluate = check_choice("evaluate", evaluate, ("teacher", "student"))
         self._restored_counters: tuple[int, int] | None = None
@@ -161,12 +162,12 @@ class MeanTeacherModule(pl.LightningModule):
             raise AttributeError(
                 "`teacher` is created from `student`: assign `self.student = ...` and the teacher follows."
             )
-        averager = self.__dict__.get("_teacher_ema")
-        if name == "student" and isinstance(value, nn.Module) and averager is not None:
-            if averager.is_swapped:
+        if name == "student" and isinstance(value, nn.Module) and "_teacher_config" in self.__dict__:
+            ema = self._teacher_ema
+            if ema is not None and ema.is_swapped:
                 raise RuntimeError("Cannot replace the student while the teacher's weights are swapped into it.")
             super().__setattr__(name, value)
-            averager.reset()
+            self._teacher_ema = None
             super().__setattr__("teacher", _frozen_copy(value, self._teacher_training(self.training)))
             return
         super().__setattr__(name, value)
@@ -186,14 +187,14 @@ class MeanTeacherModule(pl.LightningModule):
     @property
     def teacher_schedule(self) -> DecaySchedule:
         """The teacher's decay schedule (a float ``teacher_decay`` becomes a ``ConstantDecay``)."""
-        return self._teacher_ema.schedule
+        return self._teacher_config.schedules[0]
 
     @property
     def num_teacher_updates(self) -> int:
         """How many times the teacher was updated (copies during ``start_step`` included), checkpoints included."""
         if self._restored_counters is not None:
             return self._restored_counters[0]
-        return self._teacher_ema.num_updates
+        return 0 if self._teacher_ema is None else self._teacher_ema.num_updates
 
     @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -221,22 +222,29 @@ class MeanTeacherModule(pl.LightningModule):
         return self
 
     # ------------------------------------------------------------------ binding and checks
-    def _ensure_bound(self) -> None:
-        """(Re)bind the averager to the student with the teacher as target, after any device move or load."""
+    def _ensure_bound(self) -> EMA:
+        """Create the teacher's EMA (the teacher is its storage), or re-pair it after a device move or load."""
         teacher = self._require_teacher()
         trainer = self.trainer
-        averager = self._teacher_ema
-        averager.bind(self.student, trainer.global_step, target=teacher)
+        ema = self._teacher_ema
+        if ema is None or ema.module is not self.student:
+            ema = self._teacher_ema = EMA.from_config(
+                self.student, self._teacher_config, step=trainer.global_step, target=teacher
+            )
+        else:
+            ema.refresh()
         if self._restored_counters is not None:
-            averager.num_updates, averager.last_update_step = self._restored_counters
+            ema.num_updates, ema.last_update_step = self._restored_counters
+            ema.count_steps_from(ema.last_update_step)
             self._restored_counters = None
-        if averager.last_update_step > trainer.global_step:
+        if ema.step > trainer.global_step:
             # Counters from another run's step numbering (load_from_checkpoint, then a new Trainer): the teacher
             # is kept and its steps are counted from this Trainer's step on.
-            averager.last_update_step = trainer.global_step
+            ema.count_steps_from(trainer.global_step)
         if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
             # Attached here rather than through `configure_callbacks`, which subclasses often override.
             trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]
+        return ema
 
     def _check_optimizers(self) -> None:
         teacher = self._require_teacher()
@@ -253,7 +261,7 @@ class MeanTeacherModule(pl.LightningModule):
 
     def _check_hooks_ran(self, where: str) -> None:
         """Raise if a teacher update was missed or a swap was left in place (a hook overridden without super)."""
-        if self._teacher_ema.is_swapped and where in ("on_train_batch_start", "on_train_end"):
+        if self._teacher_swapped and where in ("on_train_batch_start", "on_train_end"):
             raise RuntimeError(
                 f"{type(self).__name__}: the teacher's weights are still in the student at {where}. An override of "
                 "`on_validation_model_train` or `on_test_model_train` must call super()."
@@ -272,9 +280,19 @@ class MeanTeacherModule(pl.LightningModule):
                 "super().on_train_batch_end(outputs, batch, batch_idx)."
             )
 
+    @property
+    def _teacher_swapped(self) -> bool:
+        return self._teacher_ema is not None and self._teacher_ema.is_swapped
+
+    @property
+    def ema_evaluates_own_average(self) -> bool:
+        """Whether validation and test run with the teacher (an average already; an EMACallback must not swap)."""
+        return self.evaluate == "teacher"
+
     def _restore_student(self) -> None:
         """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
-        self._teacher_ema.swap_out(force=True)
+        if self._teacher_ema is not None:
+            self._teacher_ema.swap_out(force=True)
         self._captured_modes = None
         teacher = self._modules.get("teacher")
         if teacher is not None:
@@ -300,13 +318,14 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the teacher if an optimizer step due for an update happened in this batch; log the decay."""
-        if not self._teacher_ema.bound_to(self.student):
+        ema = self._teacher_ema
+        if ema is None or ema.module is not self.student:
             raise RuntimeError(
                 f"{type(self).__name__}: the teacher was not set up when training started. An override of "
                 "`on_train_start` must call super().on_train_start()."
             )
         step = self.trainer.global_step
-        decay = self._teacher_ema.update(step)
+        decay = ema.update(step)
         self._seen_step = step
         if decay is not None:
             self.log("teacher/decay", decay, on_step=True, on_epoch=False, batch_size=1)
@@ -314,7 +333,8 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_train_end(self) -> None:
         """Give every rank rank 0's teacher buffers; forget this run's step bookkeeping (the counters stay)."""
-        self._teacher_ema.take_rank_zero_buffers()
+        if self._teacher_ema is not None:
+            self._teacher_ema.take_rank_zero_buffers()
         self._seen_step = None
 
     # ------------------------------------------------------------------ evaluation hooks
@@ -324,13 +344,13 @@ class MeanTeacherModule(pl.LightningModule):
         self._captured_modes = {name: module.training for name, module in self.named_modules()}
 
     def _begin_evaluation(self) -> None:
-        self._ensure_bound()
-        self._teacher_ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
+        ema = self._ensure_bound()
+        ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
         if self.evaluate == "teacher":
-            self._teacher_ema.swap_in()
+            ema.swap_in()
 
     def _end_evaluation(self) -> None:
-        if self.evaluate == "teacher":
+        if self.evaluate == "teacher" and self._teacher_ema is not None:
             self._teacher_ema.swap_out()
         modes, self._captured_modes = self._captured_modes, None
         if modes is None:
@@ -366,20 +386,20 @@ class MeanTeacherModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def _config(self) -> dict[str, Any]:
-        averager = self._teacher_ema
+        config = self._teacher_config
         return {
-            "teacher_decay": repr(averager.schedule),
-            "every_n_steps": averager.every_n_steps,
-            "start_step": averager.start_step,
-            "buffers": averager.buffers,
+            "teacher_decay": repr(config.schedules[0]),
+            "every_n_steps": config.every_n_steps,
+            "start_step": config.start_step,
+            "buffers": config.buffers,
         }
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
-        averager = self._teacher_ema
-        if averager.is_bound:
-            counters = (averager.num_updates, averager.last_update_step)
+        ema = self._teacher_ema
+        if ema is not None:
+            counters = (ema.num_updates, ema.last_update_step)
         elif self._restored_counters is not None:
             counters = self._restored_counters
         else:
@@ -391,8 +411,8 @@ class MeanTeacherModule(pl.LightningModule):
                 "config": self._config(),
             }
         state_dict = checkpoint.get("state_dict")
-        if averager.is_swapped and state_dict is not None:
-            for name, raw in averager.raw_by_name().items():
+        if ema is not None and ema.is_swapped and state_dict is not None:
+            for name, raw in ema.raw_state_dict().items():
                 key = f"student.{name}"
                 if key in state_dict:
                     state_dict[key] = raw
@@ -444,7 +464,7 @@ class _MeanTeacherGuard(Callback):
             return
         if stage == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
             pl_module._check_hooks_ran(f"on_{stage}_start")
-        if pl_module.evaluate == "teacher" and not pl_module._teacher_ema.is_swapped:
+        if pl_module.evaluate == "teacher" and not pl_module._teacher_swapped:
             raise RuntimeError(
                 f"{type(pl_module).__name__}: {stage} should run with the teacher's weights but they are not in the "
                 f"student. An override of `on_{stage}_model_eval` must call super()."

@@ -22,9 +22,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ema._validate import check_choice, check_int, parse_dtype
-from lightning_ema.averager import BufferPolicy, NonFinitePolicy
 from lightning_ema.callback import EMACallback
-from lightning_ema.mean_teacher import MeanTeacherModule
+from lightning_ema.ema import BufferPolicy, NonFinitePolicy
 from lightning_ema.posthoc import (
     DEFAULT_MAX_ERROR,
     SUPERSEDED,
@@ -196,7 +195,7 @@ class PostHocEMA(EMACallback):
                 "put their EMA into the model for evaluation; their swaps cannot nest. Set `evaluate='raw'` on the "
                 "others."
             )
-        if isinstance(pl_module, MeanTeacherModule) and pl_module.evaluate == "teacher":
+        if getattr(pl_module, "ema_evaluates_own_average", False):  # e.g. a MeanTeacherModule evaluating its teacher
             raise ValueError(
                 f"{type(pl_module).__name__} evaluates its teacher, and "
                 f"PostHocEMA(evaluate={self.evaluate_sigma_rel!r}) would put its EMA over it. Choose one: "

@@ -48,7 +48,24 @@ class DumpRankState(L.Callback):
         )
 
 
-def run(strategy: str, out: str | Path, *, max_epochs: int = 3, ckpt_path: str | None = None) -> None:
+class DumpTestWeights(L.Callback):
+    """Dumps the weights each rank tests with (put it after the EMACallback, which swaps in `on_test_start`)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(snapshot(pl_module), self.out / f"test{trainer.global_rank}.pt")
+
+
+def run(
+    strategy: str,
+    out: str | Path,
+    *,
+    max_epochs: int = 3,
+    ckpt_path: str | None = None,
+    check_handover: bool = False,
+) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -57,11 +74,24 @@ def run(strategy: str, out: str | Path, *, max_epochs: int = 3, ckpt_path: str |
     ema = EMACallback(decay=DECAY, every_n_steps=2)
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, every_n_epochs=1, save_last=True)
     trainer = L.Trainer(
-        callbacks=[recorder, ema, DumpRankState(out, recorder, ema), checkpoint],
+        callbacks=[recorder, ema, DumpRankState(out, recorder, ema), checkpoint, DumpTestWeights(out)],
         max_epochs=max_epochs,
         **trainer_kwargs(strategy=strategy, devices=2, enable_checkpointing=True),
     )
-    trainer.fit(TinyClassifier(), make_loader(), ckpt_path=ckpt_path)
+    model = TinyClassifier()
+    trainer.fit(model, make_loader(), ckpt_path=ckpt_path)
+    if check_handover and trainer.global_rank == 0:
+        # In the process that called `fit` (the main process under spawn and fork launchers).
+        torch.save(
+            {
+                "num_updates": ema.num_updates,
+                "ema": {k: v.clone() for k, v in ema.ema_state_dict().items()},
+                "raw": snapshot(model),
+            },
+            out / "main.pt",
+        )
+    if check_handover:
+        trainer.test(model, make_loader())
 
 
 if __name__ == "__main__":
@@ -70,8 +100,15 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("--max-epochs", type=int, default=3)
     parser.add_argument("--ckpt-path")
+    parser.add_argument("--check-handover", action="store_true")
     args = parser.parse_args()
-    run(args.strategy, args.out, max_epochs=args.max_epochs, ckpt_path=args.ckpt_path)
+    run(
+        args.strategy,
+        args.out,
+        max_epochs=args.max_epochs,
+        ckpt_path=args.ckpt_path,
+        check_handover=args.check_handover,
+    )
 
 
 class TinyMeanTeacher(MeanTeacherModule):

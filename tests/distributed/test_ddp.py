@@ -79,9 +79,28 @@ def test_ddp_fork_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
             assert torch.equal(actual["raw"][name], expected["raw"][name]), name
 
 
-def test_ddp_spawn_pickles_the_callback_and_ranks_agree(tmp_path: Path) -> None:
-    run_script("ddp_spawn", tmp_path)
+def check_handover(out: Path) -> None:
+    """The process that called `fit` holds rank 0's EMA, and `trainer.test(model)` then tests with it."""
+    rank0 = load_ranks(out)[0]
+    main = torch.load(out / "main.pt", weights_only=True)
+    assert main["num_updates"] == rank0["num_updates"] > 0
+    for name, tensor in rank0["ema"].items():
+        assert torch.equal(main["ema"][name], tensor), name
+    for rank in (0, 1):
+        tested = torch.load(out / f"test{rank}.pt", weights_only=True)
+        for name, tensor in rank0["ema"].items():
+            assert torch.equal(tested[name], tensor), f"rank {rank} tested {name} without the EMA"
+
+
+def test_ddp_spawn_hands_the_ema_back_to_the_main_process(tmp_path: Path) -> None:
+    run_script("ddp_spawn", tmp_path, "--check-handover")
     check_ranks(tmp_path)
+    check_handover(tmp_path)
+
+
+def test_ddp_fork_hands_the_ema_back_to_the_main_process(tmp_path: Path) -> None:
+    ddp_worker.run("ddp_fork", tmp_path, max_epochs=2, check_handover=True)
+    check_handover(tmp_path)
 
 
 def test_strategy_ddp_relaunching_the_script_ranks_agree(tmp_path: Path) -> None:

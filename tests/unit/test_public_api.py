@@ -7,7 +7,7 @@ import lightning_ema.schedules
 def test_top_level_names() -> None:
     assert lightning_ema.__all__ == sorted(lightning_ema.__all__)
     assert set(lightning_ema.__all__) == {
-        "EMAAverager",
+        "EMA",
         "EMACallback",
         "EMAStateError",
         "MeanTeacherModule",

@@ -1,4 +1,4 @@
-"""Several decays in one EMAAverager: each EMA against its own plain float64 loop."""
+"""Several decays in one ``EMA``: each EMA against its own plain float64 loop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ema.averager import EMAAverager, EMAStateError
+from lightning_ema import EMA, EMAStateError
 from lightning_ema.schedules import WarmupDecay
 
 
@@ -47,60 +47,55 @@ def test_each_ema_follows_its_own_decay(every_n: int, start_step: int) -> None:
     module = make_module()
     schedules = [0.9, WarmupDecay(decay=0.99, warmup=10)]
     references = [lambda t: 0.9, lambda t: min(0.99, (1 + t) / (10 + t))]
-    averager = EMAAverager(schedules, every_n_steps=every_n, start_step=start_step)
-    averager.bind(module, 0)
+    model_ema = EMA(module, schedules, every_n_steps=every_n, start_step=start_step)
     trajectory = [{n: t.clone() for n, t in module.state_dict().items()}]
     for step in range(1, 25):
         perturb(module, step)
         trajectory.append({n: t.clone() for n, t in module.state_dict().items()})
-        decay = averager.update(step)
+        decay = model_ema.update(step)
         if step % every_n == 0:
             assert decay is not None
-            assert len(averager.last_decays) == 2
+            assert len(model_ema.last_decays) == 2
     for index, decay_at in enumerate(references):
         expected = plain_loop(trajectory, decay_at, every_n, start_step)
-        ema = averager.ema_state_dict(index)
+        ema = model_ema.ema_state_dict(index)
         for name, value in expected.items():
             assert torch.allclose(ema[name].double(), value, atol=1e-6), (index, name)
-    assert not torch.equal(averager.ema_state_dict(0)["0.weight"], averager.ema_state_dict(1)["0.weight"])
+    assert not torch.equal(model_ema.ema_state_dict(0)["0.weight"], model_ema.ema_state_dict(1)["0.weight"])
 
 
 def test_swap_in_by_index_and_bit_exact_restore() -> None:
     module = make_module()
-    averager = EMAAverager([0.5, 0.9])
-    averager.bind(module, 0)
+    model_ema = EMA(module, [0.5, 0.9])
     for step in range(1, 6):
         perturb(module, step)
-        averager.update(step)
+        model_ema.update(step)
     raw = {n: t.clone() for n, t in module.state_dict().items()}
-    second = {n: t.clone() for n, t in averager.ema_state_dict(1).items()}
-    with averager.swapped(1):
+    second = {n: t.clone() for n, t in model_ema.ema_state_dict(1).items()}
+    with model_ema.swapped(1):
         for name, tensor in module.state_dict().items():
             assert torch.equal(tensor, second[name]), name
         with pytest.raises(RuntimeError, match="swapped in"):
-            averager.swap_in(0)
+            model_ema.swap_in(0)
     for name, tensor in module.state_dict().items():
         assert torch.equal(tensor, raw[name]), name
     with pytest.raises(ValueError, match=r"`index`.*got 2"):
-        averager.swap_in(2)
+        model_ema.swap_in(2)
 
 
 def test_state_round_trip_and_count_mismatch() -> None:
     module = make_module()
-    averager = EMAAverager([0.5, 0.9])
-    averager.bind(module, 0)
+    model_ema = EMA(module, [0.5, 0.9])
     perturb(module, 1)
-    averager.update(1)
-    state = averager.state_dict()
+    model_ema.update(1)
+    state = model_ema.state_dict()
     assert len(state["emas"]) == 2
-    fresh = EMAAverager([0.5, 0.9])
-    fresh.bind(make_module(), 0)
+    fresh = EMA(make_module(), [0.5, 0.9])
     fresh.load_state_dict(state)
     for index in (0, 1):
-        for name, tensor in averager.ema_state_dict(index).items():
+        for name, tensor in model_ema.ema_state_dict(index).items():
             assert torch.equal(fresh.ema_state_dict(index)[name], tensor)
-    single = EMAAverager(0.5)
-    single.bind(make_module(), 0)
+    single = EMA(make_module(), 0.5)
     before = {n: t.clone() for n, t in single.ema_state_dict().items()}
     with pytest.raises(EMAStateError, match="holds 2 EMAs but 1 decays"):
         single.load_state_dict(state)
@@ -115,24 +110,22 @@ def test_single_ema_layout_of_version_one_still_loads() -> None:
         "last_update_step": 4,
         "ema": {n: torch.full_like(t, 0.25) for n, t in module.state_dict().items()},
     }
-    averager = EMAAverager(0.9)
-    averager.load_state_dict(legacy)
-    averager.bind(module, 0)
-    assert averager.num_updates == 4
-    assert torch.equal(averager.ema_state_dict()["0.weight"], torch.full((4, 3), 0.25))
+    model_ema = EMA(module, 0.9)
+    model_ema.load_state_dict(legacy)
+    assert model_ema.num_updates == 4
+    assert torch.equal(model_ema.ema_state_dict()["0.weight"], torch.full((4, 3), 0.25))
 
 
 def test_relative_distance_is_the_closed_form() -> None:
     module = make_module()
-    averager = EMAAverager([0.5, 0.9], buffers="ignore")
-    averager.bind(module, 0)
+    model_ema = EMA(module, [0.5, 0.9], buffers="ignore")
     for step in range(1, 4):
         perturb(module, step)
-        averager.update(step)
-    weights = dict(module.named_parameters())
+        model_ema.update(step)
+    weights = {name: p.detach() for name, p in module.named_parameters()}
     denominator = math.sqrt(sum(float((w.double() ** 2).sum()) for w in weights.values()))
-    for index, distance in enumerate(averager.relative_distances()):
-        ema = averager.ema_state_dict(index)
+    for index, distance in enumerate(model_ema.relative_distances()):
+        ema = model_ema.ema_state_dict(index)
         numerator = math.sqrt(sum(float(((ema[n].double() - w.double()) ** 2).sum()) for n, w in weights.items()))
         assert float(distance) == pytest.approx(numerator / denominator, rel=1e-5)
         assert distance.device == weights["0.weight"].device
@@ -141,19 +134,18 @@ def test_relative_distance_is_the_closed_form() -> None:
 @pytest.mark.parametrize("decay", [[], [0.9, 0.9], [0.9, 1.5]])
 def test_bad_decay_lists(decay: list[float]) -> None:
     with pytest.raises(ValueError, match="`decay`"):
-        EMAAverager(decay)
+        EMA(make_module(), decay)
 
 
 @pytest.mark.parametrize("block_bytes", [40, 100, 1 << 30])
 def test_cache_blocked_update_equals_the_plain_loop(monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
     """Blocks smaller than a tensor split it into flat chunks; blocks larger than several tensors join them."""
-    import lightning_ema.averager as averager_module
+    import lightning_ema._groups as groups_module
 
-    monkeypatch.setattr(averager_module, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(groups_module, "BLOCK_BYTES", block_bytes)
     module = make_module()
-    averager = EMAAverager([0.5, 0.9, 0.99], every_n_steps=1)
-    averager.bind(module, 0)
-    groups = [group for group in averager._groups if group.blocks]
+    model_ema = EMA(module, [0.5, 0.9, 0.99], every_n_steps=1)
+    groups = [group for group in model_ema._storage.groups if group.blocks]
     assert groups, "several decays must use the blocked update"
     if block_bytes == 40:  # 0.weight has 12 float32 elements = 48 bytes: split into chunks of 10 elements
         assert any(start is not None for group in groups for block in group.blocks for _, start, _ in block.pieces)
@@ -161,12 +153,12 @@ def test_cache_blocked_update_equals_the_plain_loop(monkeypatch: pytest.MonkeyPa
     for step in range(1, 12):
         perturb(module, step)
         trajectory.append({n: t.clone() for n, t in module.state_dict().items()})
-        averager.update(step)
-        with averager.swapped(step % 3):  # swap cycles re-point .data; the blocks must still hit the right storage
+        model_ema.update(step)
+        with model_ema.swapped(step % 3):  # swap cycles re-point .data; the blocks must still hit the right storage
             pass
     for index, decay in enumerate([0.5, 0.9, 0.99]):
         expected = plain_loop(trajectory, lambda t, d=decay: d, 1, 0)
         for name, value in expected.items():
-            assert torch.allclose(averager.ema_state_dict(index)[name].double(), value, atol=1e-6), (index, name)
+            assert torch.allclose(model_ema.ema_state_dict(index)[name].double(), value, atol=1e-6), (index, name)
     for name, tensor in module.state_dict().items():
         assert torch.equal(tensor, trajectory[-1][name]), name

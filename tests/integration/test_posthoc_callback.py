@@ -134,7 +134,8 @@ def test_resume_continues_the_snapshot_sequence_exactly(tmp_path: Path) -> None:
 
 def test_a_new_run_moves_an_earlier_runs_snapshots_aside(tmp_path: Path) -> None:
     for run in range(2):
-        trainer = L.Trainer(max_steps=10, callbacks=[PostHocEMA(SIGMAS, snapshot_every_n_steps=5, dirpath=tmp_path)])
+        posthoc = PostHocEMA(SIGMAS, snapshot_every_n_steps=5, dirpath=tmp_path)
+        trainer = L.Trainer(max_steps=10, callbacks=[posthoc], **trainer_kwargs())
         if run == 0:
             trainer.fit(TinyClassifier(), make_loader(64, 8))
             continue

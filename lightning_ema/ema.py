@@ -1,0 +1,590 @@
+"""``EMA``: the exponential moving average of a module's weights, for any training loop (torch only).
+
+The engine of every part of lightning-ema: :class:`~lightning_ema.EMACallback`, ``MeanTeacherModule`` and
+``PostHocEMA`` are built on it, and plain PyTorch or Lightning Fabric loops use it directly::
+
+    ema = EMA(model, decay=0.999)
+    for step, batch in enumerate(loader, start=1):
+        loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(step)
+    with ema.swapped():
+        evaluate(model)
+
+Which tensors are averaged is :mod:`lightning_ema._selection`'s job, their storage and kernels
+:mod:`lightning_ema._groups`'s, the step rule :mod:`lightning_ema._policy`'s; this class holds the state
+(counters, swaps) and the public surface.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ema import functional as F
+from lightning_ema import sharding as S
+from lightning_ema._groups import Storage
+from lightning_ema._policy import StepPolicy
+from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors, unmatched_patterns
+from lightning_ema._validate import check_choice, check_int, parse_device, parse_dtype, parse_patterns
+from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
+from lightning_ema.schedules import DecaySchedule, as_schedule
+
+__all__ = ["EMA", "BufferPolicy", "EMAConfig", "NonFinitePolicy", "as_schedules"]
+
+BufferPolicy = Literal["average", "copy", "ignore"]
+NonFinitePolicy = Literal["error", "skip", "ignore"]
+Decay = float | DecaySchedule | Sequence[float | DecaySchedule]
+
+
+def as_schedules(decay: Any, name: str = "decay") -> tuple[DecaySchedule, ...]:
+    """Return one schedule per EMA from a float, a schedule, or a non-empty list of distinct ones."""
+    if isinstance(decay, (list, tuple)):
+        if not decay:
+            raise ValueError(f"`{name}` must be a float, a schedule or a non-empty list of them, got {decay!r}.")
+        schedules = tuple(as_schedule(item, name) for item in decay)
+        if len({repr(schedule) for schedule in schedules}) != len(schedules):
+            raise ValueError(f"`{name}` must list distinct decays, got {decay!r}.")
+        return schedules
+    return (as_schedule(decay, name),)
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """The validated settings of an EMA; :meth:`create` checks every argument and names the bad one."""
+
+    schedules: tuple[DecaySchedule, ...]
+    every_n_steps: int = 1
+    start_step: int = 0
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    buffers: str = "average"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    nonfinite: str = "error"
+
+    @classmethod
+    def create(
+        cls,
+        decay: Decay = 0.9999,
+        *,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        buffers: BufferPolicy = "average",
+        include: list[str] | str | None = None,
+        exclude: list[str] | str | None = None,
+        nonfinite: NonFinitePolicy = "error",
+        decay_name: str = "decay",
+    ) -> EMAConfig:
+        """Validate the arguments of :class:`EMA` (``decay_name``: how ``decay`` is called in messages).
+
+        Raises:
+            ValueError: naming the first invalid argument and its value.
+        """
+        return cls(
+            schedules=as_schedules(decay, decay_name),
+            every_n_steps=check_int("every_n_steps", every_n_steps, 1),
+            start_step=check_int("start_step", start_step, 0),
+            device=parse_device("device", device),
+            dtype=parse_dtype("dtype", dtype),
+            buffers=check_choice("buffers", buffers, ("average", "copy", "ignore")),
+            include=parse_patterns("include", include),
+            exclude=parse_patterns("exclude", exclude),
+            nonfinite=check_choice("nonfinite", nonfinite, ("error", "skip", "ignore")),
+        )
+
+    @property
+    def policy(self) -> StepPolicy:
+        """The step rule of these settings."""
+        return StepPolicy(self.schedules, self.every_n_steps, self.start_step)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain values (saved with checkpoints, compared on resume)."""
+        return {
+            "decays": [repr(schedule) for schedule in self.schedules],
+            "every_n_steps": self.every_n_steps,
+            "start_step": self.start_step,
+            "device": None if self.device is None else str(self.device),
+            "dtype": None if self.dtype is None else str(self.dtype),
+            "buffers": self.buffers,
+            "include": None if self.include is None else list(self.include),
+            "exclude": None if self.exclude is None else list(self.exclude),
+        }
+
+
+class EMA:
+    """Exponential moving average of a module's ``state_dict`` tensors, updated once per optimizer step.
+
+    After optimizer step ``t`` each selected tensor's EMA moves towards the weight:
+    ``ema = decay_t * ema + (1 - decay_t) * w``. Tensors are selected and paired by ``state_dict`` name, kept in
+    (device, dtype) groups so that an update is one multi-tensor kernel per group, and nothing is allocated per
+    update. The EMA starts as a copy of the module's current weights.
+
+    Args:
+        module: the module whose weights are averaged (under Fabric, the module ``fabric.setup`` returns or the
+            one it wraps: names are matched without wrapper prefixes).
+        decay: a float in [0, 1), a :class:`~lightning_ema.schedules.DecaySchedule`, or a list of them: one
+            EMA per decay, all updated in one pass that reads each weight from memory once.
+        every_n_steps: update after every n-th optimizer step; an update covering n steps applies the
+            product of their decays, so the time constant in steps does not depend on n.
+        start_step: the first ``start_step`` optimizer steps copy the weights instead of averaging them.
+        device: where the EMA lives; ``None`` keeps each average with its weight, ``"cpu"`` offloads it.
+        dtype: EMA dtype; ``None`` keeps float32/float64 and lifts float16/bfloat16 to float32.
+        buffers: ``"average"`` floating-point buffers (integer ones are copied), ``"copy"`` them, or ``"ignore"``.
+        include: glob patterns over canonical ``state_dict`` names that are averaged (``None``: all).
+        exclude: glob patterns over canonical names that are left out. A module may add its own through an
+            ``ema_exclude`` attribute (tensors that are averages already, such as a mean teacher's).
+        nonfinite: an update meeting a NaN/inf weight raises :class:`~lightning_ema.NonFiniteUpdateError`
+            (``"error"``), is skipped with a warning (``"skip"``), or is not checked (``"ignore"``).
+        target: keep the EMA in this module's tensors of the same names instead of allocating it (a teacher
+            that is the EMA of ``module``); its current values are the EMA's start. One decay, no ``device``
+            or ``dtype``.
+
+    Raises:
+        ValueError: if an argument is invalid; the message names it and its value.
+        EMAStateError: if no tensor of ``module`` is selected, or ``target`` lacks some of them.
+
+    Example::
+
+        ema = EMA(model, decay=0.999, every_n_steps=2)
+        ema.update(step)                        # after optimizer step `step` (or ema.update() to count calls)
+        with ema.swapped():                     # the EMA is in the model inside the block only
+            accuracy = evaluate(model)
+        torch.save(ema.state_dict(), "ema.pt")  # counters and EMA tensors; ema.load_state_dict(...) resumes
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        decay: Decay = 0.9999,
+        *,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        buffers: BufferPolicy = "average",
+        include: list[str] | str | None = None,
+        exclude: list[str] | str | None = None,
+        nonfinite: NonFinitePolicy = "error",
+        target: nn.Module | None = None,
+    ) -> None:
+        config = EMAConfig.create(
+            decay,
+            every_n_steps=every_n_steps,
+            start_step=start_step,
+            device=device,
+            dtype=dtype,
+            buffers=buffers,
+            include=include,
+            exclude=exclude,
+            nonfinite=nonfinite,
+        )
+        self._setup(module, config, step=0, target=target)
+
+    @classmethod
+    def from_config(
+        cls, module: nn.Module, config: EMAConfig, *, step: int = 0, target: nn.Module | None = None
+    ) -> EMA:
+        """Create the EMA of ``module`` from validated settings, as a copy of its weights at optimizer step ``step``."""
+        ema = cls.__new__(cls)
+        ema._setup(module, config, step=step, target=target)
+        return ema
+
+    def _setup(self, module: nn.Module, config: EMAConfig, *, step: int, target: nn.Module | None) -> None:
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
+        if target is not None and (
+            target is module or config.device is not None or config.dtype is not None or len(config.schedules) > 1
+        ):
+            raise ValueError(
+                "`target` must be a module other than the tracked one and holds the one EMA with its own devices "
+                f"and dtypes, got target={type(target).__name__} with device={config.device!r}, "
+                f"dtype={config.dtype!r} and {len(config.schedules)} decays."
+            )
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        lazy = [name for name, tensor in tensors if nn.parameter.is_lazy(tensor)]
+        if lazy:
+            raise EMAStateError(
+                f"The module has uninitialized (lazy) parameters or buffers {lazy[:5]}: run one forward pass to "
+                "materialise them before creating its EMA."
+            )
+        self.config = config
+        self._policy = config.policy
+        self._module = module
+        self._target = target
+        self.num_updates = 0
+        #: The optimizer step of the last update (or of the EMA's start).
+        self.last_update_step = step
+        self._step = step
+        #: The decay of each EMA at the last update (``0.0`` for a copy).
+        self.last_decays: tuple[float, ...] = ()
+        self._storage = self._build(None)
+        for argument, patterns in (("include", config.include), ("exclude", config.exclude)):
+            unmatched = unmatched_patterns(module, patterns)
+            if unmatched:
+                warnings.warn(
+                    f"`{argument}` pattern(s) {unmatched} match no state_dict name of the module (names are matched "
+                    f"without wrapper prefixes, e.g. {list(map(F.canonical_name, module.state_dict()))[:3]!r}).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    def _build(self, sources: Sequence[Mapping[str, Tensor]] | None) -> Storage:
+        """Select the module's tensors and allocate their storage (from ``sources`` by name, or the weights)."""
+        module = self._module
+        S.reshard_all(module)  # an unsharded FSDP2 root would show full tensors instead of its DTensors
+        config = self.config
+        selected = select(module, include=config.include, exclude=config.exclude, buffers=config.buffers)
+        if not selected:
+            raise EMAStateError(
+                "No tensors of the module are selected for the EMA. Check `include`, `exclude` and `buffers`; "
+                f"state_dict names start with {list(module.state_dict())[:5]!r}."
+            )
+        targets = None
+        if self._target is not None:
+            targets = align_names(target_tensors(self._target, selected), selected)
+        if sources is not None:
+            sources = [align_names(localize(source, selected), selected) for source in sources]
+        storage = Storage(
+            selected, sources, targets, num_emas=len(config.schedules), device=config.device, dtype=config.dtype
+        )
+        self._sharding = {name: item.sharding for item in selected if item.sharding for name in item.names}
+        self._fingerprint = self._fingerprint_now()
+        return storage
+
+    def _fingerprint_now(self) -> dict[str, Any]:
+        now = {"module": fingerprint(self._module)}
+        if self._target is not None:
+            now["target"] = fingerprint(self._target)
+        return now
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def module(self) -> nn.Module:
+        """The module whose weights are averaged."""
+        return self._module
+
+    @property
+    def schedules(self) -> tuple[DecaySchedule, ...]:
+        """One schedule per EMA (a float decay is a ``ConstantDecay``)."""
+        return self.config.schedules
+
+    @property
+    def schedule(self) -> DecaySchedule:
+        """The schedule of the first (often the only) EMA."""
+        return self.config.schedules[0]
+
+    @property
+    def num_emas(self) -> int:
+        """How many EMAs are kept, one per decay."""
+        return len(self.config.schedules)
+
+    @property
+    def step(self) -> int:
+        """The last optimizer step :meth:`update` was told of."""
+        return self._step
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the EMA is in the module in place of the raw weights."""
+        return self._storage.swap_depth > 0
+
+    @property
+    def sharding(self) -> dict[str, S.Sharding]:
+        """The layout of every tracked name whose weight is a DTensor; its EMA tensors are local shards."""
+        return dict(self._sharding)
+
+    def count_steps_from(self, step: int) -> None:
+        """Keep the EMA but count optimizer steps from ``step`` on (a state saved under another step numbering)."""
+        self.last_update_step = self._step = check_int("step", step, 0)
+
+    # ------------------------------------------------------------------ binding checks
+    def refresh(self) -> list[str]:
+        """Pair the EMA again with the module's tensors by name if any were replaced; return the names that were.
+
+        A buffer assigned out of place, ``module.to(dtype)``, a device move or SWA's BatchNorm update replace
+        tensors behind the EMA's back. The averages are kept and re-paired by name (converted to the EMA dtype
+        the new weight calls for). Cheap (a ``state_dict`` walk, no tensor read): call it where evaluation or an
+        epoch starts, not per step. Does nothing while swapped.
+
+        Raises:
+            EMAStateError: if a tracked tensor changed shape, or tensors appeared or disappeared; it names them.
+        """
+        if self.is_swapped:
+            return []
+        if self._sharding:
+            S.reshard_all(self._module)  # after validation an FSDP2 root holds unsharded stand-ins
+        now = self._fingerprint_now()
+        if now == self._fingerprint:
+            return []
+        changed = sorted(
+            name
+            for part, tensors in now.items()
+            for name, identity in tensors.items()
+            if self._fingerprint.get(part, {}).get(name) != identity
+        )
+        gone = sorted(set(self._fingerprint["module"]) - set(now["module"]))
+        sources = None if self._target is not None else [self._storage.ema_by_name(k) for k in range(self.num_emas)]
+        try:
+            self._storage = self._build(sources)
+        except EMAStateError as error:
+            detail = str(error).replace("The EMA state does not match the model, nothing was loaded; ", "")
+            raise EMAStateError(
+                f"The module's tensors changed behind the EMA ({changed + gone}); the EMA was left as it was: {detail}"
+            ) from None
+        return changed + gone
+
+    # ------------------------------------------------------------------ update
+    def update(self, step: int | None = None) -> float | None:
+        """Update the EMA for optimizer step ``step`` if an update is due.
+
+        Args:
+            step: the number of optimizer steps done so far; ``None`` counts calls (one step per call).
+
+        Returns:
+            The (first) schedule's decay at ``step`` (``0.0`` for a copy), or ``None`` if no update was due
+            or it was skipped for a non-finite weight.
+
+        Raises:
+            ValueError: if ``step`` is smaller than the last step seen.
+            NonFiniteUpdateError: if ``nonfinite="error"`` and a weight is NaN or infinite.
+            RuntimeError: if the EMA is swapped into the module.
+        """
+        if step is None:
+            step = self._step + 1
+        elif isinstance(step, bool) or not isinstance(step, int) or step < self._step:
+            raise ValueError(
+                f"`step` must be an integer >= the last step seen ({self._step}), got {step!r}. Steps count the "
+                "optimizer steps done; start a new EMA for a new run."
+            )
+        self._step = step
+        policy = self._policy
+        if not policy.is_due(self.last_update_step, step):
+            return None
+        if self.is_swapped:
+            raise RuntimeError("Cannot update the EMA while EMA weights are swapped into the module.")
+        if self.config.nonfinite != "ignore" and not self._all_finite(step):
+            return None
+        if policy.copies(step):
+            self._storage.copy_weights()
+            self.last_decays = (0.0,) * self.num_emas
+        else:
+            self._storage.average(policy.weights(self.last_update_step, step))
+            self.last_decays = policy.decays_at(step)
+        self.num_updates += 1
+        self.last_update_step = step
+        return self.last_decays[0]
+
+    def _all_finite(self, step: int) -> bool:
+        found, bad = self._storage.nonfinite()
+        if self._sharding and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each rank sees only its shards: agree on one decision, or the ranks' EMAs would drift apart.
+            anywhere = torch.tensor([int(found)], dtype=torch.int32, device=self._storage.first_device())
+            torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+            found = bool(anywhere.item())
+        if not found:
+            return True
+        where = f"Weights {bad}" if bad else "Weights of another rank's shards"
+        message = f"{where} hold NaN or infinity at optimizer step {step}"
+        if self.config.nonfinite == "error":
+            raise NonFiniteUpdateError(
+                f"{message}; the EMA update was refused and the EMA keeps its last finite value. "
+                "Pass nonfinite='skip' to skip such updates with a warning instead."
+            )
+        warnings.warn(f"{message}; this EMA update is skipped.", RuntimeWarning, stacklevel=3)
+        return False
+
+    def relative_distances(self) -> list[Tensor]:
+        """Return ``||ema - w|| / ||w||`` over the averaged tensors, one 0-d tensor per EMA, without a host sync.
+
+        It allocates temporaries, so call it every few hundred steps, not every step.
+        """
+        return self._storage.relative_distances()
+
+    # ------------------------------------------------------------------ swapping
+    def swap_in(self, index: int = 0) -> None:
+        """Put EMA ``index`` into the module; nested calls (of the same index) only count depth.
+
+        Groups whose EMA shares device and dtype with the weights exchange storage (no copy, no memory);
+        the others back the raw weights up first and copy the EMA in.
+        """
+        index = self._check_index(index)
+        storage = self._storage
+        if storage.swap_depth and index != storage.swap_index:
+            raise RuntimeError(f"EMA {storage.swap_index} is swapped in; swap it out before swapping in EMA {index}.")
+        if storage.swap_depth == 0:
+            if self._sharding:
+                S.reshard_all(self._module)
+            storage.swap_in(index)
+        storage.swap_depth += 1
+
+    def swap_out(self, *, force: bool = False) -> None:
+        """Restore the raw weights bit-exactly (``force``: whatever the nesting depth)."""
+        storage = self._storage
+        if storage.swap_depth == 0:
+            return
+        storage.swap_depth = 0 if force else storage.swap_depth - 1
+        if storage.swap_depth:
+            return
+        if self._sharding:
+            # Validation leaves the FSDP2 root unsharded with the EMA in it; reshard before restoring the shards.
+            S.reshard_all(self._module)
+        storage.swap_out()
+
+    @contextmanager
+    def swapped(self, index: int = 0) -> Iterator[nn.Module]:
+        """Context in which the module holds EMA ``index``; the raw weights return on exit, also on an exception."""
+        self.swap_in(index)
+        try:
+            yield self._module
+        finally:
+            self.swap_out()
+
+    def copy_to(self, module: nn.Module | None = None, index: int = 0) -> None:
+        """Copy EMA ``index`` into ``module`` (default: the averaged module, whose raw weights are then lost).
+
+        Another module is matched by canonical ``state_dict`` names (an inference copy, an uncompiled twin);
+        its tensors that the EMA does not track are left as they are.
+
+        Raises:
+            EMAStateError: if ``module`` lacks a tracked name or a shape differs; nothing is copied then.
+        """
+        index = self._check_index(index)
+        if self.is_swapped:
+            raise RuntimeError("Cannot copy the EMA into a module while it is swapped in.")
+        if module is None or module is self._module:
+            self._storage.copy_into_module(index)
+            return
+        destination = {F.canonical_name(n): t for n, t in module.state_dict(keep_vars=True).items()}
+        pairs = [(destination.get(F.canonical_name(name)), ema) for name, ema in self.ema_state_dict(index).items()]
+        wrong = sorted(
+            name
+            for name, (tensor, ema) in zip(self.ema_state_dict(index), pairs, strict=True)
+            if not isinstance(tensor, Tensor) or tensor.shape != ema.shape
+        )
+        if wrong:
+            raise EMAStateError(f"`module` lacks or has other shapes for {wrong}; nothing was copied.")
+        with torch.no_grad():
+            for tensor, ema in pairs:
+                tensor.copy_(ema)  # type: ignore[union-attr]
+
+    def _check_index(self, index: int) -> int:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_emas:
+            raise ValueError(f"`index` must be an integer in [0, {self.num_emas}), got {index!r}.")
+        return index
+
+    # ------------------------------------------------------------------ state
+    def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
+        """Return EMA ``index`` under the module's ``state_dict`` names (live references, not copies)."""
+        return self._storage.ema_by_name(self._check_index(index))
+
+    def raw_state_dict(self) -> dict[str, Tensor]:
+        """Return the raw values of the tracked tensors by name, wherever a swap has put them."""
+        return self._storage.raw_by_name()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return counters and EMA tensors: plain values and tensors only (``weights_only`` loadable)."""
+        state: dict[str, Any] = {
+            "num_updates": self.num_updates,
+            "last_update_step": self.last_update_step,
+            "step": self._step,
+            "emas": [self._storage.ema_by_name(k) for k in range(self.num_emas)],
+        }
+        if self._sharding:
+            # Local shards: only the rank that holds them may load them back (see `load_state_dict`).
+            state["shard"] = {"rank": _rank(), "world_size": _world_size()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load counters and EMA tensors saved by :meth:`state_dict` (of an EMA with the same decays).
+
+        The state holds ``"emas"``, a list with one mapping per decay, or ``"ema"``, the mapping of a single
+        EMA (the layout before several decays existed).
+
+        Raises:
+            EMAStateError: if the state is malformed, holds another number of EMAs than there are decays, or its
+                names or shapes do not match the module. Nothing is loaded then.
+        """
+        if self.is_swapped:
+            raise RuntimeError("Cannot load an EMA state while EMA weights are swapped in.")
+        shard = state.get("shard") if isinstance(state, Mapping) else None
+        here = {"rank": _rank(), "world_size": _world_size()}
+        if shard is not None and shard != here:
+            raise EMAStateError(
+                f"The EMA state holds the local shards of rank {shard.get('rank')!r} of {shard.get('world_size')!r}, "
+                f"but this is rank {here['rank']} of {here['world_size']}: nothing was loaded. Save and load one EMA "
+                "state per rank (sharded EMAs are local to their rank)."
+            )
+        emas, counters = _checked_state(state, self.num_emas, self.schedules)
+        # Names and shapes are checked before anything is written (into a target's tensors too).
+        self._storage = self._build(emas)
+        self.num_updates, self.last_update_step, self._step = counters
+
+    # ------------------------------------------------------------------ distributed
+    def take_rank_zero_buffers(self) -> None:
+        """Make every rank hold rank 0's buffer EMA (one broadcast per device and dtype; never on the update path).
+
+        Under DDP the weights agree across ranks after each step but BatchNorm statistics do not: each rank
+        updates them from its own batch, and DDP only broadcasts rank 0's at the start of the next forward. So
+        rank 0's buffers are the model's, and its buffer EMA is the one every rank should evaluate with. Call it
+        on every rank (it is a collective) where the EMA is about to be read; it does nothing in one process.
+        """
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_world_size() < 2:
+            return
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for tensor in self._storage.buffer_emas():
+            by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+        for group in by_kind.values():
+            flat = torch.cat([tensor.reshape(-1) for tensor in group])
+            torch.distributed.broadcast(flat, src=0)
+            chunks = torch.split(flat, [tensor.numel() for tensor in group])
+            torch._foreach_copy_(group, [chunk.view_as(tensor) for chunk, tensor in zip(chunks, group, strict=True)])
+
+
+def _checked_state(
+    state: Mapping[str, Any], num_emas: int, schedules: Sequence[DecaySchedule]
+) -> tuple[list[Mapping[str, Tensor]], tuple[int, int, int]]:
+    """Return the EMA mappings and (num_updates, last_update_step, step) of a saved state, or raise."""
+    if not isinstance(state, Mapping):
+        raise EMAStateError(f"An EMA state must be a mapping, got {type(state).__name__}.")
+    emas = state.get("emas", [state["ema"]] if "ema" in state else None)
+    missing = [key for key in ("num_updates", "last_update_step") if key not in state]
+    if emas is None:
+        missing.append("emas")
+    if missing or not isinstance(emas, Sequence) or not all(isinstance(ema, Mapping) for ema in emas):
+        raise EMAStateError(f"The EMA state lacks {missing or ['emas']}; got keys {sorted(map(str, state))!r}.")
+    for key in ("num_updates", "last_update_step", "step"):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EMAStateError(f"The EMA state's `{key}` must be an integer >= 0, got {value!r}.")
+    if len(emas) != num_emas:
+        raise EMAStateError(
+            f"The EMA state holds {len(emas)} EMAs but {num_emas} decays are configured "
+            f"({[repr(schedule) for schedule in schedules]}); nothing was loaded."
+        )
+    not_tensors = sorted({str(name) for ema in emas for name, value in ema.items() if not isinstance(value, Tensor)})
+    if not_tensors:
+        raise EMAStateError(f"The EMA state's values must be tensors; these are not: {not_tensors}.")
+    last = int(state["last_update_step"])
+    step = int(state.get("step", last))
+    return list(emas), (int(state["num_updates"]), last, max(step, last))
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def _world_size() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
