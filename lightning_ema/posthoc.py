@@ -604,8 +604,9 @@ def reconstruction_error(dirpath: str | os.PathLike[str], sigma_rel: float, *, s
 
     ``||sum_i x_i p_i - p*|| / ||p*||`` in L2 over the training time, where ``p*`` is the profile of the requested
     EMA and ``x_i`` the coefficients :func:`synthesize` uses (see the module docstring). ``0`` for a tracked width
-    at a snapshot step. It bounds how far the synthesised weights can be from the exact EMA relative to how much the
-    weights move: the weights' error is at most this times ``||p*|| * ||W - mean||`` in L2 over time.
+    at a snapshot step. It bounds the synthesised weights' distance from the exact EMA: the residual profile integrates
+    to zero (the coefficients sum to one), so by Cauchy-Schwarz the error is at most this times
+    ``||p*|| * ||W - mean(W)||``, both L2 over ``(0, step]``, where ``W`` is the weights over training time.
 
     Raises:
         ValueError: as :func:`synthesis_plan`.
