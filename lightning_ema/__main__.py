@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_ema.checkpoint import decays_of, ema_states, emas_of, export_ema, load_checkpoint
+from lightning_ema.checkpoint import FORMAT, decays_of, ema_states, emas_of, export_ema, load_checkpoint
+from lightning_ema.formats import FOREIGN_FORMATS
 from lightning_ema.posthoc import DEFAULT_MAX_ERROR, save_state_dict, synthesis_plan, synthesize_many
 
 
@@ -24,13 +25,29 @@ def _parser() -> argparse.ArgumentParser:
         "`torch.load(OUT, weights_only=True)` reads and `model.load_state_dict` accepts "
         "(safetensors when OUT ends in .safetensors).",
     )
-    export.add_argument("checkpoint", help="Lightning checkpoint written with EMACallback")
+    export.add_argument(
+        "checkpoint",
+        help="checkpoint written with EMACallback, or another library's EMA checkpoint (see --format)",
+    )
     export.add_argument("output", help="file to write (.safetensors or anything else for torch.save)")
     export.add_argument("--state-key", help="which EMA, when the checkpoint holds several (see `list`)")
     which = export.add_mutually_exclusive_group()
     which.add_argument("--index", type=int, help="which EMA of a callback with several decays, by position")
     which.add_argument("--decay", type=float, help="which EMA of a callback with several decays, by value")
     export.add_argument("--prefix", help="keep only names starting with PREFIX, and strip it (e.g. 'model.')")
+    export.add_argument(
+        "--format",
+        choices=[FORMAT, *FOREIGN_FORMATS],
+        help="the checkpoint's layout (default: recognised); diffusers and torch-ema need the model, "
+        "so only Python's load_ema_state_dict(path, module=model) reads them",
+    )
+    export.add_argument(
+        "--to",
+        choices=["state_dict", "timm", "diffusers"],
+        default="state_dict",
+        help="the layout to write: a plain state dict (default), timm's checkpoint (state_dict_ema) or diffusers' "
+        "EMAModel.state_dict() (shadow_params of the tensors not named like buffers, in order)",
+    )
     export.add_argument(
         "--unsafe-load",
         action="store_true",
@@ -162,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             decay=args.decay,
             prefix=args.prefix,
             weights_only=not args.unsafe_load,
+            format=args.format,
+            to=args.to,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

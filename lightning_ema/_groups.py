@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_ema import functional as F
-from lightning_ema._selection import AVERAGE, Selected
+from lightning_ema._selection import AVERAGE, KEEP, TRUNCATE, Selected
 
 __all__ = ["BLOCK_BYTES", "Storage"]
 
@@ -93,6 +93,16 @@ def _blocks(live: list[Tensor], emas: list[list[Tensor]], block_bytes: int) -> l
             close()
     close()
     return blocks
+
+
+def _truncated_average_(emas: list[Tensor], weights: list[Tensor], weight: float) -> None:
+    """Average integer tensors in float32 as ``(1 - weight) * ema + weight * w`` and truncate toward zero.
+
+    The arithmetic of timm's ``ModelEma`` (float32 products of the integers, cast back by ``copy_``), so that an
+    integer EMA such as ``num_batches_tracked`` takes the same values; integer buffers are few and small.
+    """
+    for ema, w in zip(emas, weights, strict=True):
+        ema.copy_(ema.to(torch.float32) * (1.0 - weight) + weight * w.to(torch.float32))
 
 
 class Storage:
@@ -190,28 +200,38 @@ class Storage:
         return ema
 
     # ------------------------------------------------------------------ update
-    def copy_weights(self) -> None:
-        """Set every EMA to the current weights."""
+    def copy_weights(self, *, keep_kept: bool = False) -> None:
+        """Set every EMA to the current weights (``keep_kept``: except the integer buffers kept by policy)."""
         for group in self.groups:
+            if keep_kept and group.kind == KEEP:
+                continue
             for ema in group.emas:
                 F.copy_(ema, group.live)
 
-    def average(self, weights: Sequence[float]) -> None:
-        """Move EMA ``k`` towards the weights by ``weights[k]`` (``1 - decay``); copied tensors are copied."""
+    def average(self, weights: Sequence[float], buffer_weights: Sequence[float] | None = None) -> None:
+        """Move EMA ``k`` towards the weights by ``weights[k]`` (``1 - decay``); copied tensors are copied.
+
+        ``buffer_weights`` replaces ``weights`` for buffers, if given. Integer buffers kept (``KEEP``) are left.
+        """
         for group in self.groups:
+            if group.kind == KEEP:
+                continue
+            group_weights = buffer_weights if group.buffer and buffer_weights is not None else weights
             live = group.live
             if group.blocks:
                 for block in group.blocks:
                     block_weights = block.weights(live)
-                    for block_ema, weight in zip(block.emas, weights, strict=True):
+                    for block_ema, weight in zip(block.emas, group_weights, strict=True):
                         F.lerp_(block_ema, block_weights, weight)
                 continue
             if group.staging is not None:
                 F.copy_(group.staging, live)
                 live = group.staging
-            for ema, weight in zip(group.emas, weights, strict=True):
+            for ema, weight in zip(group.emas, group_weights, strict=True):
                 if group.kind == AVERAGE:
                     F.lerp_(ema, live, weight)
+                elif group.kind == TRUNCATE:
+                    _truncated_average_(ema, live, weight)
                 else:
                     F.copy_(ema, live)
 

@@ -20,6 +20,8 @@ from lightning_ema.errors import EMAStateError
 __all__ = [
     "AVERAGE",
     "COPY",
+    "KEEP",
+    "TRUNCATE",
     "Selected",
     "align_names",
     "fingerprint",
@@ -31,6 +33,10 @@ __all__ = [
 
 #: How a selected tensor enters the EMA: averaged (floating point), or copied (integers, ``buffers="copy"``).
 AVERAGE, COPY = "average", "copy"
+#: Integer buffers under ``integer_buffers="average"`` (averaged in float32, truncated) or ``"keep"`` (copied
+#: only by the copies up to ``start_step``).
+TRUNCATE, KEEP = "truncate", "keep"
+_INTEGER_KINDS = {"copy": COPY, "average": TRUNCATE, "keep": KEEP}
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ def select(
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     buffers: str,
+    integer_buffers: str = "copy",
 ) -> list[Selected]:
     """Return the tensors of ``module`` that an EMA with these settings tracks, one entry per distinct tensor.
 
@@ -78,6 +85,8 @@ def select(
             continue
         else:
             kind = AVERAGE if floating and buffers == "average" else COPY
+            if not floating and buffers == "average":
+                kind = _INTEGER_KINDS[integer_buffers]
         if S.is_sharded(tensor):
             selected.append(
                 Selected(tuple(names), S.local_view(tensor), kind, key not in parameters, S.sharding_of(tensor))

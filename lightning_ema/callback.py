@@ -18,7 +18,7 @@ import os
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,8 +34,9 @@ from typing_extensions import override
 
 from lightning_ema._validate import check_bool, check_choice, check_int
 from lightning_ema.checkpoint import FORMAT, VERSION, config_changes, ema_states, load_sharded_ema, shard_key
-from lightning_ema.ema import EMA, BufferPolicy, EMAConfig, NonFinitePolicy
+from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
 from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
+from lightning_ema.formats import initial_ema, match_names
 from lightning_ema.schedules import ConstantDecay, DecaySchedule
 from lightning_ema.sharding import is_sharded, to_dtensor
 
@@ -99,6 +100,15 @@ class EMACallback(Callback):
         apply_at_end: copy the EMA into the model when ``fit`` ends (the raw weights are then gone).
         nonfinite: an update meeting a NaN or infinite weight raises (``"error"``), is skipped with a
             warning (``"skip"``), or is not checked at all (``"ignore"``: saves one read of the weights).
+        phase, count_from_start, decay_per, buffer_decay, integer_buffers, stop_step: how updates are counted
+            and applied, for reproducing other libraries' EMAs (defaults: lightning-ema's own rule); see
+            :class:`~lightning_ema.EMA` and :mod:`lightning_ema.compat`, which sets them for each replaced hook.
+        init_from: start a new EMA from this one instead of from the weights: a checkpoint file or a loaded
+            checkpoint in any layout :func:`~lightning_ema.load_ema_state_dict` reads (lightning-ema's, Lightning
+            ``EMAWeightAveraging``, NeMo, timm, mmengine/mmdet/mmyolo/mmagic, mmcv, ema-pytorch, diffusers, torch-ema
+            paired with the module's parameters), or a plain ``{name: tensor}`` state dict. Names are matched
+            without wrapper components and a leading module path; buffers it lacks start from the weights. Used
+            whenever ``fit`` starts a new EMA (a ``ckpt_path`` with an EMA takes precedence).
 
     Raises:
         ValueError: if an argument is invalid; the message names the argument and its value.
@@ -126,6 +136,13 @@ class EMACallback(Callback):
         nonfinite: NonFinitePolicy = "error",
         suffix: str = "_ema",
         distance_every_n_steps: int = 100,
+        phase: int = 0,
+        count_from_start: bool = False,
+        decay_per: DecayPer = "step",
+        buffer_decay: float | DecaySchedule | None = None,
+        integer_buffers: IntegerBufferPolicy = "copy",
+        stop_step: int | None = None,
+        init_from: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     ) -> None:
         self._ema_config = EMAConfig.create(
             decay,
@@ -137,7 +154,14 @@ class EMACallback(Callback):
             include=include,
             exclude=exclude,
             nonfinite=nonfinite,
+            phase=phase,
+            count_from_start=count_from_start,
+            decay_per=decay_per,
+            buffer_decay=buffer_decay,
+            integer_buffers=integer_buffers,
+            stop_step=stop_step,
         )
+        self.init_from = _check_init_from(init_from)
         self.evaluate = check_choice("evaluate", evaluate, ("ema", "raw", "both"))
         self.apply_at_end = check_bool("apply_at_end", apply_at_end)
         if not isinstance(suffix, str) or not suffix:
@@ -280,7 +304,9 @@ class EMACallback(Callback):
             )
             return None
         ema = EMA.from_config(pl_module, self._ema_config, step=trainer.global_step)
-        if trainer.state.fn == "fit":
+        if self.init_from is not None:
+            _start_from(ema, self.init_from, trainer.global_step)
+        elif trainer.state.fn == "fit":
             self._warn_if_stale(trainer, ema)
         return ema
 
@@ -361,11 +387,8 @@ class EMACallback(Callback):
             if not math.isfinite(estimated):
                 return
             total = int(estimated)
-        first = max(trainer.global_step, self._ema_config.start_step) + 1
-        if total < first:
-            return
-        for schedule in self.schedules:
-            share = schedule.interval_decay(first, total)
+        shares = self._ema_config.policy.share_left(trainer.global_step, total)
+        for schedule, share in zip(self.schedules, shares or (), strict=False):
             if share > _STALE_SHARE:
                 rank_zero_warn(
                     f"EMACallback: with {schedule!r}, the EMA at the end of this run ({total} optimizer steps) is "
@@ -691,6 +714,9 @@ class EMACallback(Callback):
             if adopt:
                 self.load_state_dict(dict(state))
             return  # for our own key, Lightning passes the state to `load_state_dict` next
+        if not states and {"current_model_state", "averaging_state"} <= set(checkpoint):
+            self._take_lightning_average(trainer, pl_module, checkpoint)
+            return
         if states:
             detail = f"it holds EMA states for other settings only: {sorted(states)!r}"
         else:
@@ -707,6 +733,77 @@ class EMACallback(Callback):
         if fitting:
             self._ema = None
             self._fit_trainer = None
+
+    def _take_lightning_average(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Continue from a Lightning ``EMAWeightAveraging`` checkpoint: raw weights back in, its average as the EMA.
+
+        Lightning has loaded ``checkpoint["state_dict"]``, which that callback fills with the average, into the
+        module; the raw weights are in ``current_model_state``.
+        """
+        pl_module.load_state_dict(checkpoint["current_model_state"])
+        names = _tracked_names(pl_module, self._ema_config)
+        weights = match_names(checkpoint["state_dict"], names)
+        averaged = (checkpoint.get("averaging_state") or {}).get("n_averaged")
+        num_updates = int(averaged.item()) if isinstance(averaged, Tensor) and averaged.numel() == 1 else 0
+        step = int(checkpoint.get("global_step") or 0)
+        latest = [
+            state["latest_update_step"]
+            for state in (checkpoint.get("callbacks") or {}).values()
+            if isinstance(state, Mapping) and isinstance(state.get("latest_update_step"), int)
+        ]
+        last = min(latest[0], step) if latest else step
+        rank_zero_info(
+            "EMACallback: the checkpoint was written by Lightning's EMAWeightAveraging; the module gets the raw "
+            "weights from `current_model_state` and the EMA starts from its average (`state_dict`)."
+        )
+        self._run.restart = False
+        self._run.resolved = False
+        self._run.loaded = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": self._config(),
+            "num_updates": num_updates,
+            "last_update_step": last,
+            "step": step,
+            "emas": [dict(weights) for _ in self.schedules],
+        }
+
+
+def _check_init_from(value: Any) -> str | os.PathLike[str] | Mapping[str, Any] | None:
+    """Return ``init_from`` if it is ``None``, a mapping or the path of an existing file or folder."""
+    if value is None or isinstance(value, Mapping):
+        return value
+    if isinstance(value, (str, os.PathLike)) and Path(value).exists():
+        return value
+    raise ValueError(
+        "`init_from` must be None, a checkpoint or state dict, or the path of an existing checkpoint file, "
+        f"got {value!r}."
+    )
+
+
+def _tracked_names(module: nn.Module, config: EMAConfig) -> list[str]:
+    """The ``state_dict`` names an EMA with ``config`` tracks in ``module`` (no tensor is allocated)."""
+    from lightning_ema._selection import select
+
+    selected = select(
+        module,
+        include=config.include,
+        exclude=config.exclude,
+        buffers=config.buffers,
+        integer_buffers=config.integer_buffers,
+    )
+    return [name for item in selected for name in item.names]
+
+
+def _start_from(ema: EMA, source: str | os.PathLike[str] | Mapping[str, Any], step: int) -> None:
+    """Replace a new EMA's tensors by those of ``source`` (any readable layout); buffers it lacks stay as they are."""
+    current = {k: ema.ema_state_dict(k) for k in range(ema.num_emas)}
+    buffers = set(ema.module.state_dict()) - {name for name, _ in ema.module.named_parameters(remove_duplicate=False)}
+    weights = match_names(initial_ema(source, ema.module), list(current[0]), optional=sorted(buffers))
+    emas = [{name: weights.get(name, tensor) for name, tensor in current[k].items()} for k in range(ema.num_emas)]
+    ema.load_state_dict({"num_updates": 0, "last_update_step": step, "step": step, "emas": emas})
 
 
 def _refuse_unsupported_strategy(strategy: object) -> None:

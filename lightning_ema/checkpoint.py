@@ -86,8 +86,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
         return _load_distributed_checkpoint(path, weights_only=weights_only)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
+    from lightning_ema.formats import allowed_globals
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        with allowed_globals():  # argparse.Namespace: timm's training checkpoints hold their `args` as one
+            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:
         if not weights_only:
             raise
@@ -217,6 +220,14 @@ def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapp
     return emas[index]
 
 
+class _Loaded(dict[str, Any]):
+    """A checkpoint already loaded from ``path`` (NeMo's layout needs the path to find its second file)."""
+
+    def __init__(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+        super().__init__(checkpoint)
+        self.path = path
+
+
 def load_ema_state_dict(
     path_or_checkpoint: str | os.PathLike[str] | Mapping[str, Any],
     *,
@@ -225,6 +236,8 @@ def load_ema_state_dict(
     decay: Any = None,
     prefix: str | None = None,
     weights_only: bool = True,
+    format: str | None = None,
+    module: nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """Return a checkpoint's EMA weights, ready for ``model.load_state_dict``.
 
@@ -239,6 +252,13 @@ def load_ema_state_dict(
         prefix: keep only names that start with it, with the prefix removed (``"model."`` gives the
             state dict of ``LightningModule.model``).
         weights_only: passed to ``torch.load``; leave it ``True`` unless you trust the file.
+        format: the layout: ``None`` recognises it, ``"lightning-ema"`` (this package's) or one of
+            :data:`lightning_ema.formats.FOREIGN_FORMATS` forces one. Other libraries' layouts (Lightning
+            ``EMAWeightAveraging``, NeMo, timm, mmengine/mmdet/mmyolo/mmagic, mmcv, ema-pytorch, diffusers,
+            torch-ema) are read by :mod:`lightning_ema.formats`; ``state_key``, ``index`` and ``decay`` are
+            this package's only.
+        module: the model a positional layout (diffusers ``EMAModel``, torch-ema) was made from: its
+            ``named_parameters()`` name the saved list by position.
 
     Raises:
         ValueError: if the checkpoint holds no EMA state, several without a ``state_key``, several EMAs
@@ -253,13 +273,40 @@ def load_ema_state_dict(
         checkpoint: Mapping[str, Any] = path_or_checkpoint
     else:
         checkpoint = load_checkpoint(path_or_checkpoint, weights_only=weights_only)
-    state = _select_state(ema_states(checkpoint), state_key)
-    weights: dict[str, Tensor] = dict(checkpoint.get("state_dict") or {})
-    weights.update(_select_ema(state, index, decay))
+    path = path_or_checkpoint.path if isinstance(path_or_checkpoint, _Loaded) else None
+    if not isinstance(path_or_checkpoint, Mapping):
+        path = path_or_checkpoint
+    weights = _ema_weights(checkpoint, path, state_key, index, decay, format, module, weights_only)
     if prefix is not None:
         weights = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
         if not weights:
             raise ValueError(f"`prefix` must start some state_dict names, got {prefix!r}.")
+    return weights
+
+
+def _ema_weights(
+    checkpoint: Mapping[str, Any],
+    path: str | os.PathLike[str] | None,
+    state_key: str | None,
+    index: int | None,
+    decay: Any,
+    format: str | None,
+    module: nn.Module | None,
+    weights_only: bool,
+) -> dict[str, Tensor]:
+    """The EMA weights of a loaded checkpoint: this package's layout, or another library's (:mod:`.formats`)."""
+    states = ema_states(checkpoint)
+    if format not in (None, FORMAT) or (format is None and not states):
+        from lightning_ema.formats import read_foreign
+
+        if state_key is not None or index is not None or decay is not None:
+            raise ValueError(
+                "`state_key`, `index` and `decay` choose among lightning-ema's EMA states; this checkpoint holds "
+                f"another library's EMA (format={format!r}). Leave them unset."
+            )
+        return read_foreign(checkpoint, format=format, path=path, module=module, weights_only=weights_only).weights
+    weights: dict[str, Tensor] = dict(checkpoint.get("state_dict") or {})
+    weights.update(_select_ema(_select_state(states, state_key), index, decay))
     return weights
 
 
@@ -272,17 +319,49 @@ def export_ema(
     decay: Any = None,
     prefix: str | None = None,
     weights_only: bool = True,
+    format: str | None = None,
+    module: nn.Module | None = None,
+    to: str = "state_dict",
 ) -> dict[str, Tensor]:
     """Write a checkpoint's EMA weights as a plain state dict (``.safetensors`` by suffix, else ``torch.save``).
 
+    ``format`` and ``module`` are those of :func:`load_ema_state_dict`. ``to="timm"`` writes timm's checkpoint
+    layout (the EMA under ``state_dict_ema`` and ``state_dict``), ``to="diffusers"`` the ``EMAModel.state_dict()``
+    layout (``shadow_params`` in parameter order: ``module``'s parameters if given, else every tensor not named
+    like a buffer, see :func:`lightning_ema.formats.to_diffusers`); both with ``torch.save``.
+
     Returns:
-        The state dict that was written.
+        The state dict of EMA weights that was written (before any timm/diffusers wrapping).
     """
+    from lightning_ema._validate import check_choice
+
+    to = check_choice("to", to, ("state_dict", "timm", "diffusers"))
+    checkpoint = load_checkpoint(checkpoint_path, weights_only=weights_only)
     weights = load_ema_state_dict(
-        checkpoint_path, state_key=state_key, index=index, decay=decay, prefix=prefix, weights_only=weights_only
+        _Loaded(checkpoint, checkpoint_path),
+        state_key=state_key,
+        index=index,
+        decay=decay,
+        prefix=prefix,
+        weights_only=weights_only,
+        format=format,
+        module=module,
     )
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if to != "state_dict":
+        from lightning_ema.formats import to_diffusers, to_timm
+
+        if output.suffix == ".safetensors":
+            raise ValueError(f"`to={to!r}` writes a torch.save file; choose an output name not ending in .safetensors.")
+        if to == "timm":
+            torch.save(to_timm(weights), output)
+        else:
+            saved_step = checkpoint.get("global_step")
+            step = saved_step if isinstance(saved_step, int) else None
+            names = None if module is None else [name for name, _ in module.named_parameters()]
+            torch.save(to_diffusers(weights, step=step, parameter_names=names), output)
+        return weights
     if output.suffix == ".safetensors":
         try:
             from safetensors.torch import save_file

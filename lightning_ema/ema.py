@@ -33,14 +33,16 @@ from lightning_ema import sharding as S
 from lightning_ema._groups import Storage
 from lightning_ema._policy import StepPolicy
 from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors, unmatched_patterns
-from lightning_ema._validate import check_choice, check_int, parse_device, parse_dtype, parse_patterns
+from lightning_ema._validate import check_bool, check_choice, check_int, parse_device, parse_dtype, parse_patterns
 from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
 from lightning_ema.schedules import DecaySchedule, as_schedule
 
-__all__ = ["EMA", "BufferPolicy", "EMAConfig", "NonFinitePolicy", "as_schedules"]
+__all__ = ["EMA", "BufferPolicy", "DecayPer", "EMAConfig", "IntegerBufferPolicy", "NonFinitePolicy", "as_schedules"]
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 NonFinitePolicy = Literal["error", "skip", "ignore"]
+IntegerBufferPolicy = Literal["copy", "average", "keep"]
+DecayPer = Literal["step", "update"]
 Decay = float | DecaySchedule | Sequence[float | DecaySchedule]
 
 
@@ -69,6 +71,13 @@ class EMAConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     nonfinite: str = "error"
+    # How other libraries count and apply decays (lightning_ema.compat): defaults keep lightning-ema's own rule.
+    phase: int = 0
+    count_from_start: bool = False
+    decay_per: str = "step"
+    buffer_schedule: DecaySchedule | None = None
+    integer_buffers: str = "copy"
+    stop_step: int | None = None
 
     @classmethod
     def create(
@@ -83,6 +92,12 @@ class EMAConfig:
         include: list[str] | str | None = None,
         exclude: list[str] | str | None = None,
         nonfinite: NonFinitePolicy = "error",
+        phase: int = 0,
+        count_from_start: bool = False,
+        decay_per: DecayPer = "step",
+        buffer_decay: float | DecaySchedule | None = None,
+        integer_buffers: IntegerBufferPolicy = "copy",
+        stop_step: int | None = None,
         decay_name: str = "decay",
     ) -> EMAConfig:
         """Validate the arguments of :class:`EMA` (``decay_name``: how ``decay`` is called in messages).
@@ -90,22 +105,51 @@ class EMAConfig:
         Raises:
             ValueError: naming the first invalid argument and its value.
         """
+        buffer_policy = check_choice("buffers", buffers, ("average", "copy", "ignore"))
+        integer_policy = check_choice("integer_buffers", integer_buffers, ("copy", "average", "keep"))
+        if integer_policy != "copy" and buffer_policy != "average":
+            raise ValueError(
+                f"`integer_buffers` must be 'copy' unless buffers='average' (only averaged buffers have an integer "
+                f"policy), got integer_buffers={integer_buffers!r} with buffers={buffers!r}."
+            )
+        if buffer_decay is not None and buffer_policy != "average":
+            raise ValueError(
+                f"`buffer_decay` must be None unless buffers='average' (only averaged buffers have a decay), got "
+                f"buffer_decay={buffer_decay!r} with buffers={buffers!r}."
+            )
+        if stop_step is not None:
+            stop_step = check_int("stop_step", stop_step, 0)
         return cls(
             schedules=as_schedules(decay, decay_name),
             every_n_steps=check_int("every_n_steps", every_n_steps, 1),
             start_step=check_int("start_step", start_step, 0),
             device=parse_device("device", device),
             dtype=parse_dtype("dtype", dtype),
-            buffers=check_choice("buffers", buffers, ("average", "copy", "ignore")),
+            buffers=buffer_policy,
             include=parse_patterns("include", include),
             exclude=parse_patterns("exclude", exclude),
             nonfinite=check_choice("nonfinite", nonfinite, ("error", "skip", "ignore")),
+            phase=check_int("phase", phase, 0),
+            count_from_start=check_bool("count_from_start", count_from_start),
+            decay_per=check_choice("decay_per", decay_per, ("step", "update")),
+            buffer_schedule=None if buffer_decay is None else as_schedule(buffer_decay, "buffer_decay"),
+            integer_buffers=integer_policy,
+            stop_step=stop_step,
         )
 
     @property
     def policy(self) -> StepPolicy:
         """The step rule of these settings."""
-        return StepPolicy(self.schedules, self.every_n_steps, self.start_step)
+        return StepPolicy(
+            self.schedules,
+            self.every_n_steps,
+            self.start_step,
+            phase=self.phase,
+            count_from_start=self.count_from_start,
+            decay_per=self.decay_per,
+            buffer_schedule=self.buffer_schedule,
+            stop_step=self.stop_step,
+        )
 
     def describe(self) -> dict[str, Any]:
         """The settings as plain values (saved with checkpoints, compared on resume)."""
@@ -118,7 +162,35 @@ class EMAConfig:
             "buffers": self.buffers,
             "include": None if self.include is None else list(self.include),
             "exclude": None if self.exclude is None else list(self.exclude),
+            **self.step_rule_changes(),
         }
+
+    def step_rule_changes(self) -> dict[str, Any]:
+        """The step-rule settings that differ from the defaults, as plain values.
+
+        Only those are described, so that checkpoints written before these settings existed compare equal.
+        """
+        return {key: value for key, value in self._step_rule().items() if value != _STEP_RULE_DEFAULTS[key]}
+
+    def _step_rule(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "count_from_start": self.count_from_start,
+            "decay_per": self.decay_per,
+            "buffer_decay": None if self.buffer_schedule is None else repr(self.buffer_schedule),
+            "integer_buffers": self.integer_buffers,
+            "stop_step": self.stop_step,
+        }
+
+
+_STEP_RULE_DEFAULTS: dict[str, Any] = {
+    "phase": 0,
+    "count_from_start": False,
+    "decay_per": "step",
+    "buffer_decay": None,
+    "integer_buffers": "copy",
+    "stop_step": None,
+}
 
 
 class EMA:
@@ -145,6 +217,24 @@ class EMA:
             ``ema_exclude`` attribute (tensors that are averages already, such as a mean teacher's).
         nonfinite: an update meeting a NaN/inf weight raises :class:`~lightning_ema.NonFiniteUpdateError`
             (``"error"``), is skipped with a warning (``"skip"``), or is not checked (``"ignore"``).
+        phase: updates after ``start_step`` fall on the optimizer steps ``t`` with
+            ``(t - origin) % every_n_steps == phase % every_n_steps`` (``origin``: ``start_step`` with
+            ``count_from_start``, else 0). ``phase=1`` updates after steps 1, n + 1, 2n + 1, ... (mmcv's rule).
+        count_from_start: start the EMA's clock at ``start_step``: every step up to it copies the weights (not
+            only the due ones), update intervals count from it, and schedules see the steps since it, so the first
+            averaging update uses ``decay(1)`` (the rule of mmengine's ``begin_iter``, mmagic's ``start_iter`` and
+            timm's/diffusers' ``update_after_step``).
+        decay_per: ``"step"``: an update covering n optimizer steps applies the product of their n decays;
+            ``"update"``: each update applies the schedule's decay at its step once, whatever it covers (the rule
+            of mmcv, mmengine, mmdet and mmagic, whose ``interval`` lengthens the EMA's time constant).
+        buffer_decay: another decay (float or schedule) for the averaged buffers, e.g. BatchNorm statistics;
+            ``None`` uses ``decay``. Only with ``buffers="average"``.
+        integer_buffers: with ``buffers="average"``, integer buffers such as ``num_batches_tracked`` are
+            ``"copy"``-ed at each update, ``"average"``-d like the others (computed in float32 as
+            ``decay * ema + (1 - decay) * w`` and truncated toward zero, as timm's ``ModelEma`` and mmagic do),
+            or ``"keep"``-ed: copied only while the EMA copies the weights (up to ``start_step``), left alone by
+            averaging updates (mmengine's ``update_buffers=True``).
+        stop_step: no update after this optimizer step (the EMA keeps its value); ``None``: never stop.
         target: keep the EMA in this module's tensors of the same names instead of allocating it (a teacher
             that is the EMA of ``module``); its current values are the EMA's start. One decay, no ``device``
             or ``dtype``.
@@ -175,6 +265,12 @@ class EMA:
         include: list[str] | str | None = None,
         exclude: list[str] | str | None = None,
         nonfinite: NonFinitePolicy = "error",
+        phase: int = 0,
+        count_from_start: bool = False,
+        decay_per: DecayPer = "step",
+        buffer_decay: float | DecaySchedule | None = None,
+        integer_buffers: IntegerBufferPolicy = "copy",
+        stop_step: int | None = None,
         target: nn.Module | None = None,
     ) -> None:
         config = EMAConfig.create(
@@ -187,6 +283,12 @@ class EMA:
             include=include,
             exclude=exclude,
             nonfinite=nonfinite,
+            phase=phase,
+            count_from_start=count_from_start,
+            decay_per=decay_per,
+            buffer_decay=buffer_decay,
+            integer_buffers=integer_buffers,
+            stop_step=stop_step,
         )
         self._setup(module, config, step=0, target=target)
 
@@ -243,7 +345,13 @@ class EMA:
         module = self._module
         S.reshard_all(module)  # an unsharded FSDP2 root would show full tensors instead of its DTensors
         config = self.config
-        selected = select(module, include=config.include, exclude=config.exclude, buffers=config.buffers)
+        selected = select(
+            module,
+            include=config.include,
+            exclude=config.exclude,
+            buffers=config.buffers,
+            integer_buffers=config.integer_buffers,
+        )
         if not selected:
             raise EMAStateError(
                 "No tensors of the module are selected for the EMA. Check `include`, `exclude` and `buffers`; "
@@ -378,7 +486,8 @@ class EMA:
             self._storage.copy_weights()
             self.last_decays = (0.0,) * self.num_emas
         else:
-            self._storage.average(policy.weights(self.last_update_step, step))
+            last = self.last_update_step
+            self._storage.average(policy.weights(last, step), policy.buffer_weights(last, step))
             self.last_decays = policy.decays_at(step)
         self.num_updates += 1
         self.last_update_step = step
@@ -448,6 +557,20 @@ class EMA:
             yield self._module
         finally:
             self.swap_out()
+
+    def copy_from_module(self) -> None:
+        """Set every EMA to the module's current weights, except integer buffers kept by ``integer_buffers="keep"``.
+
+        The counters are left as they are. Used to start a teacher from a student whose weights changed after the
+        teacher was made (mmdet's ``MeanTeacherHook`` does this when training starts at iteration 0, leaving the
+        teacher's integer buffers alone).
+
+        Raises:
+            RuntimeError: if the EMA is swapped into the module.
+        """
+        if self.is_swapped:
+            raise RuntimeError("Cannot copy the module's weights into the EMA while it is swapped in.")
+        self._storage.copy_weights(keep_kept=True)
 
     def copy_to(self, module: nn.Module | None = None, index: int = 0) -> None:
         """Copy EMA ``index`` into ``module`` (default: the averaged module, whose raw weights are then lost).

@@ -18,9 +18,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import Self, override
 
-from lightning_ema._validate import check_choice
+from lightning_ema._validate import check_bool, check_choice
 from lightning_ema.checkpoint import config_changes
-from lightning_ema.ema import EMA, BufferPolicy, EMAConfig, NonFinitePolicy
+from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
 from lightning_ema.schedules import (
     ConstantDecay,
     CosineDecay,
@@ -28,6 +28,7 @@ from lightning_ema.schedules import (
     ExponentialRampDecay,
     HalfLifeDecay,
     KarrasDecay,
+    MomentumWarmupDecay,
     PowerDecay,
     WarmupDecay,
     as_schedule,
@@ -42,7 +43,16 @@ CHECKPOINT_KEY = "mean_teacher"
 # loads checkpoints with torch's default `weights_only=True`: allow the built-in schedules, which hold plain
 # numbers only, so that resume and `load_from_checkpoint` work without `weights_only=False`.
 torch.serialization.add_safe_globals(
-    [ConstantDecay, CosineDecay, ExponentialRampDecay, HalfLifeDecay, KarrasDecay, PowerDecay, WarmupDecay]
+    [
+        ConstantDecay,
+        CosineDecay,
+        ExponentialRampDecay,
+        HalfLifeDecay,
+        KarrasDecay,
+        MomentumWarmupDecay,
+        PowerDecay,
+        WarmupDecay,
+    ]
 )
 
 
@@ -101,6 +111,12 @@ class MeanTeacherModule(pl.LightningModule):
         nonfinite: an update meeting a NaN or infinite student weight raises
             :class:`~lightning_ema.NonFiniteUpdateError` (``"error"``), is skipped with a warning (``"skip"``),
             or is not checked (``"ignore"``).
+        phase, count_from_start, decay_per, buffer_decay, integer_buffers: how updates are counted and applied,
+            as for :class:`~lightning_ema.EMA` (defaults: lightning-ema's own rule);
+            :func:`lightning_ema.compat.mean_teacher_hook_args` sets them to reproduce mmdet's ``MeanTeacherHook``.
+        copy_student_at_start: when ``fit`` starts at optimizer step 0, first copy the student's tracked tensors
+            into the teacher, so that student weights loaded after construction (a pretrained backbone) reach it
+            (mmdet's ``MeanTeacherHook`` does this at iteration 0).
 
     Raises:
         ValueError: if an argument is invalid; the message names the argument and its value.
@@ -139,6 +155,12 @@ class MeanTeacherModule(pl.LightningModule):
         teacher_mode: str = "eval",
         evaluate: str = "teacher",
         nonfinite: NonFinitePolicy = "error",
+        phase: int = 0,
+        count_from_start: bool = False,
+        decay_per: DecayPer = "step",
+        buffer_decay: float | DecaySchedule | None = None,
+        integer_buffers: IntegerBufferPolicy = "copy",
+        copy_student_at_start: bool = False,
     ) -> None:
         super().__init__()
         self._teacher_config = EMAConfig.create(
@@ -147,7 +169,13 @@ class MeanTeacherModule(pl.LightningModule):
             start_step=start_step,
             buffers=buffers,
             nonfinite=nonfinite,
+            phase=phase,
+            count_from_start=count_from_start,
+            decay_per=decay_per,
+            buffer_decay=buffer_decay,
+            integer_buffers=integer_buffers,
         )
+        self.copy_student_at_start = check_bool("copy_student_at_start", copy_student_at_start)
         self._teacher_ema: EMA | None = None
         self.teacher_mode = check_choice("teacher_mode", teacher_mode, ("eval", "train"))
         self.evaluate = check_choice("evaluate", evaluate, ("teacher", "student"))
@@ -310,7 +338,9 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_train_start(self) -> None:
         """Bind the teacher's EMA, check that no optimizer holds the teacher and put the teacher in its mode."""
-        self._ensure_bound()
+        ema = self._ensure_bound()
+        if self.copy_student_at_start and self.trainer.global_step == 0:
+            ema.copy_from_module()
         self._check_optimizers()
         self._require_teacher().train(self._teacher_training(self.training))
         self._seen_step = self.trainer.global_step
@@ -392,6 +422,7 @@ class MeanTeacherModule(pl.LightningModule):
             "every_n_steps": config.every_n_steps,
             "start_step": config.start_step,
             "buffers": config.buffers,
+            **config.step_rule_changes(),
         }
 
     @override

@@ -36,6 +36,7 @@ __all__ = [
     "ExponentialRampDecay",
     "HalfLifeDecay",
     "KarrasDecay",
+    "MomentumWarmupDecay",
     "PowerDecay",
     "WarmupDecay",
     "as_schedule",
@@ -300,9 +301,18 @@ class WarmupDecay(DecaySchedule):
     """A decay that ramps up as ``(1 + t) / (warmup + t)`` until it reaches ``decay``.
 
     ``decay_t = min(decay, (1 + t) / (warmup + t))``. Early averages thus forget the random
-    initialization quickly. This is the ``num_updates`` warmup of TensorFlow's
-    ``ExponentialMovingAverage`` and of the ``torch_ema`` package (``warmup=10``); diffusers'
-    ``EMAModel`` (without ``use_ema_warmup``) uses it shifted by one step, its first update a copy.
+    initialization quickly.
+
+    How it relates to the systems that use this ramp (each identity is tested against a plain
+    re-implementation of the other library's rule):
+
+    - torch-ema's ``ExponentialMovingAverage(decay, use_num_updates=True)``, updated after every optimizer
+      step, is ``EMACallback(WarmupDecay(decay, warmup=10))``: its ``num_updates`` is ``t``.
+    - diffusers' ``EMAModel(decay, use_ema_warmup=False, update_after_step=u, min_decay=0)`` copies the weights
+      up to ``optimization_step == u + 1`` and then applies ``(1 + s) / (10 + s)`` with ``s = t - u - 1``:
+      ``EMACallback(WarmupDecay(decay, 10), start_step=u + 1, count_from_start=True)``.
+    - mmcv's ``EMAHook(warm_up=...)`` is *not* this schedule: it caps the momentum ``1 - decay`` by the ramp,
+      so its decay falls during warm-up; see :class:`MomentumWarmupDecay`.
 
     Args:
         decay: the largest decay, in ``[0, 1)``.
@@ -331,13 +341,65 @@ class WarmupDecay(DecaySchedule):
         return max(1, math.ceil(threshold) + 1) if threshold < 2.0**62 else None
 
 
+class MomentumWarmupDecay(DecaySchedule):
+    """A momentum (``1 - decay``) capped by a warm-up ramp: ``1 - min(momentum, t / (warmup - 1 + t))``.
+
+    mmcv's ``EMAHook`` warm-up: its momentum at iteration ``i = t - 1`` (mmcv counts iterations from 0) is
+    ``min(momentum, (1 + i) / (warmup + i))``, which this schedule evaluates at optimizer step ``t``. The ramp
+    starts at ``1 / warmup`` and rises to 1, so it only matters while it is below ``momentum``: early updates
+    move the EMA *less*, the decay falls from ``1 - 1 / warmup`` to ``1 - momentum`` (the opposite of
+    :class:`WarmupDecay`, whose decay rises). With mmcv's defaults (``momentum=0.0002``, ``warmup=100``) the cap
+    never binds. mmcv applies ``momentum ** interval`` once per update with ``interval > 1``;
+    :class:`~lightning_ema.compat.MMCVEMAHook` sets that up.
+
+    Args:
+        momentum: the largest momentum, in ``(0, 1)``; the decay never falls below ``1 - momentum``.
+        warmup: the warm-up constant, a finite number ``> 0``.
+
+    >>> schedule = MomentumWarmupDecay(momentum=0.5, warmup=10)
+    >>> [round(schedule(t), 4) for t in (1, 2, 9, 100)]
+    [0.9, 0.8182, 0.5, 0.5]
+    """
+
+    def __init__(self, momentum: float = 0.0002, warmup: float = 100) -> None:
+        if not _is_real(momentum) or not 0.0 < float(momentum) < 1.0:
+            raise _error("momentum", "a float in (0, 1)", momentum, "The momentum is 1 - decay.")
+        self.momentum = float(momentum)
+        self.warmup = _check_positive("warmup", warmup)
+
+    def __call__(self, step: int) -> float:
+        """Return ``1 - min(momentum, step / (warmup - 1 + step))`` (see :meth:`DecaySchedule.__call__`)."""
+        t = _check_step(step)
+        return 1.0 - min(self.momentum, t / (self.warmup - 1.0 + t))
+
+    def _constant_from(self) -> int | None:
+        # t / (warmup - 1 + t) >= momentum  <=>  t >= momentum * (warmup - 1) / (1 - momentum); one step of margin.
+        threshold = self.momentum * (self.warmup - 1.0) / (1.0 - self.momentum)
+        return max(1, math.ceil(threshold) + 1) if threshold < 2.0**62 else None
+
+
 class PowerDecay(DecaySchedule):
     """A decay that grows as a power of the step: ``1 - (1 + t / inv_gamma) ** -power``, clipped.
 
-    ``decay_t = clip(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)``. This is the EMA warmup of
-    diffusers' ``EMAModel`` (``use_ema_warmup=True``) and of timm's ``ModelEmaV3``, after
-    ``lucidrains/ema-pytorch``. ``power=2/3`` suits runs of up to about a million steps, ``power=3/4``
-    shorter ones; with ``power=2/3`` the decay is 0.999 at 31.6K steps and 0.9999 at 1M steps.
+    ``decay_t = clip(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)``: the power warm-up of Katherine
+    Crowson's, used by timm's ``ModelEmaV3``, diffusers' ``EMAModel`` and ema-pytorch. ``power=2/3`` suits runs of
+    up to about a million steps, ``power=3/4`` shorter ones; with ``power=2/3`` the decay is 0.999 at 31.6K
+    steps and 0.9999 at 1M steps.
+
+    Those libraries copy the weights at their first update and then evaluate the formula at ``t - 1`` (one
+    step behind this schedule), so on its own this schedule runs one step ahead of them. The same numbers,
+    tested against plain re-implementations of their rules, come from:
+
+    - timm ``ModelEmaV3(decay, min_decay, update_after_step=u, use_warmup=True, warmup_gamma=g,
+      warmup_power=p)`` updated with ``step=t``, and diffusers ``EMAModel(decay, min_decay,
+      update_after_step=u, use_ema_warmup=True, inv_gamma=g, power=p)``:
+      ``EMACallback(PowerDecay(decay, g, p, min_decay), start_step=u + 1, count_from_start=True)``;
+    - ema-pytorch ``EMA(beta, update_after_step=u, update_every=1, inv_gamma=g, power=p, min_value=m)``
+      updated after every step: ``EMACallback(PowerDecay(beta, g, p, m), start_step=u + 1,
+      count_from_start=True)`` (with ``update_every=n > 1`` it copies at the due steps only before ``u + 1``).
+
+    The schedule itself is unchanged (existing configurations keep their numbers); only this description of
+    its relation to the other libraries was corrected.
 
     Args:
         decay: the largest decay, in ``[0, 1)``.
@@ -384,10 +446,18 @@ class PowerDecay(DecaySchedule):
 class ExponentialRampDecay(DecaySchedule):
     """A decay that approaches ``decay`` exponentially: ``decay * (1 - exp(-(1 + t) / gamma))``.
 
-    This is the ramp of mmdet/mmyolo's ``ExpMomentumEMA``, written there as a momentum
-    ``m_t = (1 - m) * exp(-(1 + t) / gamma) + m`` with ``m = 1 - decay``; here ``decay_t = 1 - m_t``.
-    YOLOX's ``ModelEMA`` uses the same ramp (``decay=0.9999``, ``gamma=2000``) with steps counted
-    from 0. The gap to ``decay`` shrinks by a factor ``e`` every ``gamma`` steps.
+    Written as a momentum ``m_t = (1 - m) * exp(-(1 + t) / gamma) + m`` with ``m = 1 - decay``, this is the ramp
+    of mmyolo's and mmdet's ``ExpMomentumEMA``; here ``decay_t = 1 - m_t``. The gap to ``decay`` shrinks by a
+    factor ``e`` every ``gamma`` steps.
+
+    ``ExpMomentumEMA`` copies the weights at its first call and then evaluates the ramp at its call count
+    ``t - 1``, with one momentum per update whatever its ``interval``; on its own this schedule therefore runs
+    one step ahead of it. The same numbers (tested against a plain re-implementation) come from
+    ``EMACallback(ExponentialRampDecay(1 - momentum, gamma), start_step=1, count_from_start=True,
+    every_n_steps=interval, decay_per="update")``, which is what
+    :class:`~lightning_ema.compat.MMYOLOExpMomentumEMA` sets up. YOLOX's and YOLOv5's ``ModelEMA`` use
+    ``decay * (1 - exp(-n / 2000))`` after their ``n``-th update, i.e. this schedule at ``n - 1``, without a copy
+    at the first update: close to, but not exactly, any lightning-ema configuration.
 
     Args:
         decay: the decay approached for large ``t``, in ``[0, 1)``.
