@@ -14,6 +14,7 @@ def test_top_level_names() -> None:
         "EMAStateError",
         "MeanTeacherModule",
         "NonFiniteUpdateError",
+        "PostHocEMA",
         "__version__",
         "export_ema",
         "load_ema_state_dict",
