@@ -355,12 +355,11 @@ def _in_turn(steps: list[Step]) -> Step:
 
 def lightning_ema_case(decay: Any = DECAY, **kwargs: Any) -> Callable[[nn.Module], Step]:
     def make(module: nn.Module) -> Step:
-        from lightning_ema.averager import EMAAverager
+        from lightning_ema import EMA
 
-        averager = EMAAverager(decay, **kwargs)
-        averager.bind(module, 0)
+        averager = EMA(module, decay, **kwargs)
         next_step = _counter()
-        n = averager.every_n_steps
+        n = averager.config.every_n_steps
 
         def step() -> None:
             for _ in range(n):
@@ -415,9 +414,9 @@ def update_cases(peers: dict[str, Peer]) -> list[Case]:
 
     all_floats = "params + float buffers"
     return [
-        Case("lightning-ema `EMAAverager.update` (nonfinite='error', default)", all_floats, lightning_ema_case()),
+        Case("lightning-ema `EMA.update` (nonfinite='error', default)", all_floats, lightning_ema_case()),
         Case(
-            "lightning-ema `EMAAverager.update` (nonfinite='ignore')",
+            "lightning-ema `EMA.update` (nonfinite='ignore')",
             all_floats,
             lightning_ema_case(nonfinite="ignore"),
         ),
@@ -471,11 +470,10 @@ def run_update_table(
 
 # ---------------------------------------------------------------------------------------------- swap
 def swap_cases(module: nn.Module, peers: dict[str, Peer], bf16: nn.Module | None) -> dict[str, tuple[Step, str]]:
-    from lightning_ema.averager import EMAAverager
+    from lightning_ema import EMA
 
     cases: dict[str, tuple[Step, str]] = {}
-    averager = EMAAverager(DECAY)
-    averager.bind(module, 0)
+    averager = EMA(module, DECAY)
     averager.update(1)
 
     def lightning_ema_swap() -> None:
@@ -484,8 +482,7 @@ def swap_cases(module: nn.Module, peers: dict[str, Peer], bf16: nn.Module | None
 
     cases["lightning-ema `swap_in` + `swap_out`"] = (lightning_ema_swap, "")
     if bf16 is not None:
-        averager_bf16 = EMAAverager(DECAY)
-        averager_bf16.bind(bf16, 0)
+        averager_bf16 = EMA(bf16, DECAY)
         averager_bf16.update(1)
 
         def lightning_ema_swap_bf16() -> None:
@@ -890,17 +887,16 @@ def diagnose(module: nn.Module, config: Config) -> tuple[dict[str, tuple[float, 
     averager groups them (floating-point tensors averaged, integer buffers copied), so the table does not
     depend on the averager's private attributes.
     """
+    from lightning_ema import EMA
     from lightning_ema import functional as F
-    from lightning_ema.averager import EMAAverager
 
     state = list(module.state_dict().values())
     live = [t for t in state if t.is_floating_point()]
     ema = [t.detach().clone() for t in live]
     counters = [t for t in state if not t.is_floating_point()]
     counters_ema = [t.clone() for t in counters]
-    averager = EMAAverager(DECAY)
-    averager.bind(module, 0)
-    schedule = averager.schedules[0] if hasattr(averager, "schedules") else averager.schedule
+    averager = EMA(module, DECAY)
+    schedule = averager.schedule
     interval = _counter()
     flat_name = "flat `lerp_` (bandwidth limit)"
     candidates: dict[str, Step] = {
@@ -949,7 +945,7 @@ def run_variants(module: nn.Module, peers: dict[str, Peer], config: Config, emit
     flat_name = "flat f32 `lerp_`"
     steps: dict[str, Step] = {flat_name: flat_reference(numel)}
     per_call: dict[str, int] = {}
-    # name: (module, EMAAverager arguments, least bytes per element and optimizer step such an update moves)
+    # name: (module, EMA arguments, least bytes per element and optimizer step such an update moves)
     variants: dict[str, tuple[nn.Module, dict[str, Any], float]] = {
         "default (EMA with the weights)": (module, {}, 12),
         "device='cpu' (offload; on this CPU-only machine the same placement as the default)": (
@@ -1065,14 +1061,13 @@ def run_swap(
 
 def e2e_pieces(model_class: type, dims: dict[str, int], peers: dict[str, Peer]) -> dict[str, Step]:
     """The update paths of the end-to-end table, outside the Trainer, on a model of the same shape."""
-    from lightning_ema.averager import EMAAverager
+    from lightning_ema import EMA
 
     model = model_class("SGD", dims["width"], dims["depth"], dims["features"])
     numel = averaged_numel(model)
     pieces: dict[str, Step] = {"flat `lerp_` (bandwidth limit)": flat_reference(numel)}
     for label, kwargs in (("", {}), (", nonfinite='ignore'", {"nonfinite": "ignore"})):
-        averager = EMAAverager(DECAY, **kwargs)
-        averager.bind(model, 0)
+        averager = EMA(model, DECAY, **kwargs)
         counter = _counter()
         pieces[f"lightning-ema `update(step)`{label}"] = lambda a=averager, c=counter: a.update(c())
     lightning = peers["lightning"]
@@ -1190,8 +1185,8 @@ def run_e2e(config: Config, emit: Callable[[str], None], results: dict, peers: d
 
 def targets(results: dict) -> list[list[str]]:
     rows = []
-    default = "lightning-ema `EMAAverager.update` (nonfinite='error', default)"
-    ignore = "lightning-ema `EMAAverager.update` (nonfinite='ignore')"
+    default = "lightning-ema `EMA.update` (nonfinite='error', default)"
+    ignore = "lightning-ema `EMA.update` (nonfinite='ignore')"
     for kind, limit, label in (("many", 1.2, "300-tensor"), ("few", 1.05, "large-tensor")):
         for name, short in ((default, "default"), (ignore, "nonfinite='ignore'")):
             ratio = results[kind].get(name)
