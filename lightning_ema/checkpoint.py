@@ -429,12 +429,29 @@ def load_ema_state_dict(
     path = path_or_checkpoint.path if isinstance(path_or_checkpoint, _Loaded) else None
     if not isinstance(path_or_checkpoint, Mapping):
         path = path_or_checkpoint
-    weights = _ema_weights(checkpoint, path, state_key, index, decay, format, module, weights_only)
+    weights = _without_compile_wrappers(
+        _ema_weights(checkpoint, path, state_key, index, decay, format, module, weights_only)
+    )
     if prefix is not None:
         weights = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
         if not weights:
             raise ValueError(f"`prefix` must start some state_dict names, got {prefix!r}.")
     return weights
+
+
+def _without_compile_wrappers(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the ``_orig_mod.`` / ``_forward_module.`` components ``torch.compile`` and Fabric put into names.
+
+    ``net._orig_mod.fc.weight`` becomes ``net.fc.weight``, what the uncompiled module's ``load_state_dict`` expects.
+    (A leading ``module.`` is kept: in a LightningModule's names it is the user's own attribute.)
+    """
+    result: dict[str, Tensor] = {}
+    for name, tensor in weights.items():
+        plain = ".".join(part for part in name.split(".") if part not in ("_orig_mod", "_forward_module"))
+        if plain in result:
+            return weights  # both forms are present: the names are the module's own, leave them
+        result[plain] = tensor
+    return result
 
 
 def _ema_weights(
