@@ -105,6 +105,28 @@ class EMALifecycle:
         self.take_handover()
         return self.run.loaded or self.handover.state
 
+    def num_updates(self) -> int:
+        """Updates of the current (or handed-over) EMA, ``0`` if none exists."""
+        ema, handed = self.ema, self.handover.state
+        if ema is not None:
+            return ema.num_updates
+        return 0 if handed is None else int(handed["num_updates"])
+
+    def ema_state_dict(self, index: int) -> dict[str, Tensor]:
+        """EMA ``index`` of the current EMA, or of a handed-over one not bound yet, by ``state_dict`` name."""
+        ema, handed = self.ema, self.handover.state
+        if ema is not None:
+            return ema.ema_state_dict(index)
+        if handed is not None:
+            emas = handed["emas"]
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(emas):
+                raise ValueError(f"`index` must be an integer in [0, {len(emas)}), got {index!r}.")
+            return dict(emas[index])
+        raise RuntimeError(
+            "The EMA has not been created yet: it is created when `fit` starts, or loaded by "
+            "`trainer.validate/test/predict(ckpt_path=...)`."
+        )
+
     # ------------------------------------------------------------------ runs
     def start_run(self, fn: str) -> None:
         """Begin a Trainer run (``setup``); the EMA is decided when the run first needs it."""

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ema._lifecycle import EMALifecycle, check_init_from
+from lightning_ema._saving import complete_checkpoint
 from lightning_ema._state_validation import check_ema_state
 from lightning_ema._validate import check_bool, check_choice, check_int
 from lightning_ema.checkpoint import (
@@ -30,12 +30,10 @@ from lightning_ema.checkpoint import (
     ema_states,
     find_state_key,
     load_sharded_ema,
-    shard_key,
 )
 from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
-from lightning_ema.evaluation import EvaluationPass, MultiPassEvaluation
+from lightning_ema.evaluation import EvaluationSwitch
 from lightning_ema.schedules import ConstantDecay, DecaySchedule
-from lightning_ema.sharding import is_sharded, to_dtensor
 
 __all__ = ["EMACallback"]
 
@@ -152,9 +150,8 @@ class EMACallback(Callback):
         self.suffix = suffix
         self.distance_every_n_steps = check_int("distance_every_n_steps", distance_every_n_steps, 0)
         self._life = EMALifecycle(self._ema_config, self.init_from, lambda: self.state_key)
-        self._multi_pass: MultiPassEvaluation | None = None
+        self._switch = EvaluationSwitch()
         self._log_tags = self._tags_for(position=None)
-        self._swapped_for_stage = False
         self._distance_due = False
 
     # ------------------------------------------------------------------ public state
@@ -196,12 +193,7 @@ class EMACallback(Callback):
     @property
     def num_updates(self) -> int:
         """How many times the EMA was updated (copies during ``start_step`` included)."""
-        ema, handed = self._life.ema, self._life.handover.state
-        if ema is not None:
-            return ema.num_updates
-        if handed is not None:
-            return int(handed["num_updates"])
-        return 0
+        return self._life.num_updates()
 
     def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Return the EMA tensors under the LightningModule's ``state_dict`` names.
@@ -215,18 +207,7 @@ class EMACallback(Callback):
         Raises:
             RuntimeError: if no EMA exists yet (it is created when ``fit`` starts).
         """
-        ema, handed = self._life.ema, self._life.handover.state
-        if ema is not None:
-            return ema.ema_state_dict(index)
-        if handed is not None:
-            emas = handed["emas"]
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(emas):
-                raise ValueError(f"`index` must be an integer in [0, {len(emas)}), got {index!r}.")
-            return dict(emas[index])
-        raise RuntimeError(
-            "The EMA has not been created yet: it is created when `fit` starts, or loaded by "
-            "`trainer.validate/test/predict(ckpt_path=...)`."
-        )
+        return self._life.ema_state_dict(index)
 
     @contextmanager
     def swapped(self, pl_module: pl.LightningModule, index: int = 0) -> Iterator[pl.LightningModule]:
@@ -271,20 +252,8 @@ class EMACallback(Callback):
         """Start a new run; refuse configurations the EMA cannot serve; name the decay metric if there are several."""
         _refuse_unsupported_strategy(trainer.strategy)
         self._life.start_run(str(getattr(trainer.state.fn, "value", trainer.state.fn)))
-        if self.evaluate != "raw" and getattr(pl_module, "ema_evaluates_own_average", False):
-            raise ValueError(
-                f"{type(pl_module).__name__} evaluates its teacher (an average of its own), and "
-                f"EMACallback(evaluate={self.evaluate!r}) would put its EMA over it. Choose one: "
-                "`EMACallback(evaluate='raw')`, or the module's `evaluate='student'` to evaluate the callback's EMA."
-            )
         siblings = _ema_callbacks(trainer)
-        swapping = [callback for callback in siblings if callback.evaluate != "raw"]
-        if len(swapping) > 1:
-            raise ValueError(
-                f"{len(swapping)} EMACallbacks would each put their EMA into the model for evaluation "
-                f"(evaluate={[callback.evaluate for callback in swapping]!r}); their swaps cannot nest. Set "
-                "`evaluate='raw'` on all but one of them."
-            )
+        _refuse_conflicting_swaps(self, siblings, pl_module)
         self._log_tags = self._tags_for(siblings.index(self) if len(siblings) > 1 else None)
         if stage == "fit" and any(
             isinstance(c, ModelCheckpoint) and c.save_weights_only
@@ -346,26 +315,10 @@ class EMACallback(Callback):
                 self._life.explain_raw_evaluation(trainer)
             return
         ema.take_rank_zero_buffers()
-        several_passes = self.evaluate == "both" or (self.evaluate == "ema" and self._several)
-        if several_passes and step_name is not None:
-            passes = [EvaluationPass("", nullcontext)] if self.evaluate == "both" else []
-            for index, suffix in enumerate(self.suffixes()):
-                passes.append(EvaluationPass(suffix, partial(ema.swapped, index)))
-            self._multi_pass = MultiPassEvaluation(pl_module, step_name, passes)
-            self._multi_pass.install()
-        elif self.evaluate != "raw" and not self._swapped_for_stage:
-            ema.swap_in()
-            self._swapped_for_stage = True
+        self._switch.begin(ema, pl_module, self.evaluate, self.suffixes(), step_name)
 
     def _end_evaluation(self) -> None:
-        if self._multi_pass is not None:
-            self._multi_pass.uninstall()
-            self._multi_pass = None
-        if self._swapped_for_stage:
-            self._swapped_for_stage = False
-            ema = self._life.bound
-            if ema is not None:
-                ema.swap_out()
+        self._switch.end()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -400,10 +353,7 @@ class EMACallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Put the raw weights back, whatever was swapped in, before any checkpoint is written."""
-        if self._multi_pass is not None:
-            self._multi_pass.uninstall()
-            self._multi_pass = None
-        self._swapped_for_stage = False
+        self._switch.end(force=True)
         ema = self._life.bound
         if ema is not None:
             ema.swap_out(force=True)
@@ -429,34 +379,8 @@ class EMACallback(Callback):
     ) -> None:
         """Keep the raw weights in ``checkpoint["state_dict"]``; store sharded EMA where every rank's shard is saved."""
         ema = self._life.bound
-        state_dict = checkpoint.get("state_dict")
-        if ema is None or ema.module is not pl_module:
-            return
-        sharding = ema.sharding
-        # A distributed checkpoint holds DTensors; a single-file one full tensors on rank 0 (nothing on the others).
-        distributed = state_dict is not None and any(is_sharded(value) for value in state_dict.values())
-        if sharding:
-            own = (checkpoint.get("callbacks") or {}).get(self.state_key)
-            for index in range(ema.num_emas):
-                averages = ema.ema_state_dict(index)
-                for name, layout in sharding.items():
-                    shards = to_dtensor(averages[name], layout)
-                    if distributed and state_dict is not None:
-                        state_dict[shard_key(self.state_key, index, name)] = shards
-                    else:
-                        full = shards.full_tensor()  # type: ignore[attr-defined]  # a collective: every rank
-                        if own is not None:
-                            own["emas"][index][name] = full
-        if not ema.is_swapped or state_dict is None:
-            return
-        for name, raw in ema.raw_state_dict().items():
-            raw_layout = sharding.get(name)
-            if raw_layout is not None:
-                raw = to_dtensor(raw, raw_layout)
-                if not distributed:
-                    raw = raw.full_tensor()  # type: ignore[attr-defined]
-            if name in state_dict:
-                state_dict[name] = raw
+        if ema is not None and ema.module is pl_module:
+            complete_checkpoint(ema, self.state_key, checkpoint)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -540,6 +464,23 @@ def _refuse_unsupported_strategy(strategy: object) -> None:
             f"EMACallback does not support `strategy={type(strategy).__name__}`: the EMA would not follow its "
             "flattened or partitioned parameters. Use `ModelParallelStrategy` with `fully_shard` in "
             "`configure_model` (FSDP2) or a DDP strategy instead."
+        )
+
+
+def _refuse_conflicting_swaps(callback: EMACallback, siblings: list[EMACallback], module: pl.LightningModule) -> None:
+    """Raise if evaluation would need two averages swapped into the module at once (their swaps cannot nest)."""
+    if callback.evaluate != "raw" and getattr(module, "ema_evaluates_own_average", False):
+        raise ValueError(
+            f"{type(module).__name__} evaluates its teacher (an average of its own), and "
+            f"EMACallback(evaluate={callback.evaluate!r}) would put its EMA over it. Choose one: "
+            "`EMACallback(evaluate='raw')`, or the module's `evaluate='student'` to evaluate the callback's EMA."
+        )
+    swapping = [sibling for sibling in siblings if sibling.evaluate != "raw"]
+    if len(swapping) > 1:
+        raise ValueError(
+            f"{len(swapping)} EMACallbacks would each put their EMA into the model for evaluation "
+            f"(evaluate={[sibling.evaluate for sibling in swapping]!r}); their swaps cannot nest. Set "
+            "`evaluate='raw'` on all but one of them."
         )
 
 
