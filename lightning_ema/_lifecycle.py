@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,13 @@ class EMALifecycle:
     Args:
         config: the validated EMA settings.
         init_from: a checkpoint or state dict a new EMA starts from (any layout :mod:`.formats` reads).
-        name: returns the callback's name for messages (its ``state_key``).
     """
 
-    def __init__(self, config: EMAConfig, init_from: InitFrom, name: Callable[[], str]) -> None:
+    def __init__(self, config: EMAConfig, init_from: InitFrom) -> None:
         self.config = config
         self.init_from = init_from
-        self._name = name
+        #: The callback's name in messages (its ``state_key``, set when a run starts).
+        self.name = "EMACallback"
         self._ema: EMA | None = None
         self.run = _Run()
         self._fit_trainer: Any = None  # a weak reference to the Trainer whose `fit` made the EMA
@@ -128,9 +128,10 @@ class EMALifecycle:
         )
 
     # ------------------------------------------------------------------ runs
-    def start_run(self, fn: str) -> None:
-        """Begin a Trainer run (``setup``); the EMA is decided when the run first needs it."""
+    def start_run(self, fn: str, name: str) -> None:
+        """Begin a Trainer run (``setup``) of the callback called ``name``; the EMA is decided when first needed."""
         self.run = _Run(fn=fn)
+        self.name = name
 
     def note(self, key: str, message: str, *, warn: bool = True) -> None:
         """Say ``message`` once per run (a warning, or an info line)."""
@@ -227,7 +228,7 @@ class EMALifecycle:
         try:
             ema.load_state_dict(state)
         except EMAStateError as error:
-            raise EMAStateError(f"{self._name()}: {error}") from error
+            raise EMAStateError(f"{self.name}: {error}") from error
         step = trainer.global_step
         if trainer.state.fn == "fit" and ema.step > step:
             rank_zero_warn(

@@ -149,7 +149,7 @@ class EMACallback(Callback):
             raise ValueError(f"`suffix` must be a non-empty string such as '_ema', got {suffix!r}.")
         self.suffix = suffix
         self.distance_every_n_steps = check_int("distance_every_n_steps", distance_every_n_steps, 0)
-        self._life = EMALifecycle(self._ema_config, self.init_from, lambda: self.state_key)
+        self._life = EMALifecycle(self._ema_config, self.init_from)
         self._switch = EvaluationSwitch()
         self._log_tags = self._tags_for(position=None)
         self._distance_due = False
@@ -251,7 +251,7 @@ class EMACallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Start a new run; refuse configurations the EMA cannot serve; name the decay metric if there are several."""
         _refuse_unsupported_strategy(trainer.strategy)
-        self._life.start_run(str(getattr(trainer.state.fn, "value", trainer.state.fn)))
+        self._life.start_run(str(getattr(trainer.state.fn, "value", trainer.state.fn)), self.state_key)
         siblings = _ema_callbacks(trainer)
         _refuse_conflicting_swaps(self, siblings, pl_module)
         self._log_tags = self._tags_for(siblings.index(self) if len(siblings) > 1 else None)

@@ -22,176 +22,31 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_ema import functional as F
 from lightning_ema import sharding as S
+from lightning_ema._config import (
+    BufferPolicy,
+    Decay,
+    DecayPer,
+    EMAConfig,
+    IntegerBufferPolicy,
+    NonFinitePolicy,
+    as_schedules,
+)
+from lightning_ema._distributed import any_rank, broadcast_from_rank_zero, rank, world_size
 from lightning_ema._groups import Storage
-from lightning_ema._policy import StepPolicy
 from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors, unmatched_patterns
 from lightning_ema._state_validation import check_engine_state
-from lightning_ema._validate import check_bool, check_choice, check_int, parse_device, parse_dtype, parse_patterns
+from lightning_ema._validate import check_int
 from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
-from lightning_ema.schedules import DecaySchedule, as_schedule
+from lightning_ema.schedules import DecaySchedule
 
 __all__ = ["EMA", "BufferPolicy", "DecayPer", "EMAConfig", "IntegerBufferPolicy", "NonFinitePolicy", "as_schedules"]
-
-BufferPolicy = Literal["average", "copy", "ignore"]
-NonFinitePolicy = Literal["error", "skip", "ignore"]
-IntegerBufferPolicy = Literal["copy", "average", "keep"]
-DecayPer = Literal["step", "update"]
-Decay = float | DecaySchedule | Sequence[float | DecaySchedule]
-
-
-def as_schedules(decay: Any, name: str = "decay") -> tuple[DecaySchedule, ...]:
-    """Return one schedule per EMA from a float, a schedule, or a non-empty list of distinct ones."""
-    if isinstance(decay, (list, tuple)):
-        if not decay:
-            raise ValueError(f"`{name}` must be a float, a schedule or a non-empty list of them, got {decay!r}.")
-        schedules = tuple(as_schedule(item, name) for item in decay)
-        if len({repr(schedule) for schedule in schedules}) != len(schedules):
-            raise ValueError(f"`{name}` must list distinct decays, got {decay!r}.")
-        return schedules
-    return (as_schedule(decay, name),)
-
-
-@dataclass(frozen=True)
-class EMAConfig:
-    """The validated settings of an EMA; :meth:`create` checks every argument and names the bad one."""
-
-    schedules: tuple[DecaySchedule, ...]
-    every_n_steps: int = 1
-    start_step: int = 0
-    device: torch.device | None = None
-    dtype: torch.dtype | None = None
-    buffers: str = "average"
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    nonfinite: str = "error"
-    # How other libraries count and apply decays (lightning_ema.compat): defaults keep lightning-ema's own rule.
-    phase: int = 0
-    count_from_start: bool = False
-    decay_per: str = "step"
-    buffer_schedule: DecaySchedule | None = None
-    integer_buffers: str = "copy"
-    stop_step: int | None = None
-
-    @classmethod
-    def create(
-        cls,
-        decay: Decay = 0.9999,
-        *,
-        every_n_steps: int = 1,
-        start_step: int = 0,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        buffers: BufferPolicy = "average",
-        include: list[str] | str | None = None,
-        exclude: list[str] | str | None = None,
-        nonfinite: NonFinitePolicy = "error",
-        phase: int = 0,
-        count_from_start: bool = False,
-        decay_per: DecayPer = "step",
-        buffer_decay: float | DecaySchedule | None = None,
-        integer_buffers: IntegerBufferPolicy = "copy",
-        stop_step: int | None = None,
-        decay_name: str = "decay",
-    ) -> EMAConfig:
-        """Validate the arguments of :class:`EMA` (``decay_name``: how ``decay`` is called in messages).
-
-        Raises:
-            ValueError: naming the first invalid argument and its value.
-        """
-        buffer_policy = check_choice("buffers", buffers, ("average", "copy", "ignore"))
-        integer_policy = check_choice("integer_buffers", integer_buffers, ("copy", "average", "keep"))
-        if integer_policy != "copy" and buffer_policy != "average":
-            raise ValueError(
-                f"`integer_buffers` must be 'copy' unless buffers='average' (only averaged buffers have an integer "
-                f"policy), got integer_buffers={integer_buffers!r} with buffers={buffers!r}."
-            )
-        if buffer_decay is not None and buffer_policy != "average":
-            raise ValueError(
-                f"`buffer_decay` must be None unless buffers='average' (only averaged buffers have a decay), got "
-                f"buffer_decay={buffer_decay!r} with buffers={buffers!r}."
-            )
-        if stop_step is not None:
-            stop_step = check_int("stop_step", stop_step, 0)
-        return cls(
-            schedules=as_schedules(decay, decay_name),
-            every_n_steps=check_int("every_n_steps", every_n_steps, 1),
-            start_step=check_int("start_step", start_step, 0),
-            device=parse_device("device", device),
-            dtype=parse_dtype("dtype", dtype),
-            buffers=buffer_policy,
-            include=parse_patterns("include", include),
-            exclude=parse_patterns("exclude", exclude),
-            nonfinite=check_choice("nonfinite", nonfinite, ("error", "skip", "ignore")),
-            phase=check_int("phase", phase, 0),
-            count_from_start=check_bool("count_from_start", count_from_start),
-            decay_per=check_choice("decay_per", decay_per, ("step", "update")),
-            buffer_schedule=None if buffer_decay is None else as_schedule(buffer_decay, "buffer_decay"),
-            integer_buffers=integer_policy,
-            stop_step=stop_step,
-        )
-
-    @property
-    def policy(self) -> StepPolicy:
-        """The step rule of these settings."""
-        return StepPolicy(
-            self.schedules,
-            self.every_n_steps,
-            self.start_step,
-            phase=self.phase,
-            count_from_start=self.count_from_start,
-            decay_per=self.decay_per,
-            buffer_schedule=self.buffer_schedule,
-            stop_step=self.stop_step,
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """The settings as plain values (saved with checkpoints, compared on resume)."""
-        return {
-            "decays": [repr(schedule) for schedule in self.schedules],
-            "every_n_steps": self.every_n_steps,
-            "start_step": self.start_step,
-            "device": None if self.device is None else str(self.device),
-            "dtype": None if self.dtype is None else str(self.dtype),
-            "buffers": self.buffers,
-            "include": None if self.include is None else list(self.include),
-            "exclude": None if self.exclude is None else list(self.exclude),
-            **self.step_rule_changes(),
-        }
-
-    def step_rule_changes(self) -> dict[str, Any]:
-        """The step-rule settings that differ from the defaults, as plain values.
-
-        Only those are described, so that checkpoints written before these settings existed compare equal.
-        """
-        return {key: value for key, value in self._step_rule().items() if value != _STEP_RULE_DEFAULTS[key]}
-
-    def _step_rule(self) -> dict[str, Any]:
-        return {
-            "phase": self.phase,
-            "count_from_start": self.count_from_start,
-            "decay_per": self.decay_per,
-            "buffer_decay": None if self.buffer_schedule is None else repr(self.buffer_schedule),
-            "integer_buffers": self.integer_buffers,
-            "stop_step": self.stop_step,
-        }
-
-
-_STEP_RULE_DEFAULTS: dict[str, Any] = {
-    "phase": 0,
-    "count_from_start": False,
-    "decay_per": "step",
-    "buffer_decay": None,
-    "integer_buffers": "copy",
-    "stop_step": None,
-}
 
 
 class EMA:
@@ -496,11 +351,9 @@ class EMA:
 
     def _all_finite(self, step: int) -> bool:
         found, bad = self._storage.nonfinite()
-        if self._sharding and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._sharding:
             # Each rank sees only its shards: agree on one decision, or the ranks' EMAs would drift apart.
-            anywhere = torch.tensor([int(found)], dtype=torch.int32, device=self._storage.first_device())
-            torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
-            found = bool(anywhere.item())
+            found = any_rank(found, self._storage.first_device())
         if not found:
             return True
         where = f"Weights {bad}" if bad else "Weights of another rank's shards"
@@ -625,7 +478,7 @@ class EMA:
         }
         if self._sharding:
             # Local shards: only the rank that holds them may load them back (see `load_state_dict`).
-            state["shard"] = {"rank": _rank(), "world_size": _world_size()}
+            state["shard"] = {"rank": rank(), "world_size": world_size()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -641,7 +494,7 @@ class EMA:
         if self.is_swapped:
             raise RuntimeError("Cannot load an EMA state while EMA weights are swapped in.")
         shard = state.get("shard") if isinstance(state, Mapping) else None
-        here = {"rank": _rank(), "world_size": _world_size()}
+        here = {"rank": rank(), "world_size": world_size()}
         if shard is not None and shard != here:
             raise EMAStateError(
                 f"The EMA state holds the local shards of rank {shard.get('rank')!r} of {shard.get('world_size')!r}, "
@@ -662,17 +515,7 @@ class EMA:
         rank 0's buffers are the model's, and its buffer EMA is the one every rank should evaluate with. Call it
         on every rank (it is a collective) where the EMA is about to be read; it does nothing in one process.
         """
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not distributed or torch.distributed.get_world_size() < 2:
-            return
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for tensor in self._storage.buffer_emas():
-            by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-        for group in by_kind.values():
-            flat = torch.cat([tensor.reshape(-1) for tensor in group])
-            torch.distributed.broadcast(flat, src=0)
-            chunks = torch.split(flat, [tensor.numel() for tensor in group])
-            torch._foreach_copy_(group, [chunk.view_as(tensor) for chunk, tensor in zip(chunks, group, strict=True)])
+        broadcast_from_rank_zero(self._storage.buffer_emas())
 
 
 def _checked_state(
@@ -682,13 +525,3 @@ def _checked_state(
     # --- issue 13: one validation of every EMA state (structure, names, dense finite tensors; _state_validation) ---
     checked = check_engine_state(state, num_emas=num_emas, labels=[repr(schedule) for schedule in schedules])
     return checked["emas"], (checked["num_updates"], checked["last_update_step"], checked["step"])
-
-
-def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
-
-
-def _world_size() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
