@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> None:
             path = run / snapshot_filename(step, file_format="safetensors")
             write_snapshot(path, step=step, sigma_rels=SIGMAS, gammas=gammas, emas=drifted)
         total = sum(p.stat().st_size for p in run.iterdir())
-        from lightning_ema import posthoc
+        from lightning_ema import _snapshots
 
         def list_uncached() -> None:
-            posthoc._HEADERS.clear()  # time the first listing, not the header cache
+            _snapshots._HEADERS.clear()  # time the first listing, not the header cache
             list_snapshots(run)
 
         listing = median_time(list_uncached, args.repeat)

@@ -2,14 +2,14 @@
 
 The callback is an :class:`~lightning_ema.EMACallback` with one ``KarrasDecay`` per ``sigma_rel`` (all updated in one
 pass over the weights) that saves snapshots of its EMAs every ``snapshot_every_n_steps`` optimizer steps. The math
-and the file format live in :mod:`lightning_ema.posthoc`.
+and the file format live in :mod:`lightning_ema.posthoc`; what a rank writes and a resumed run moves aside in
+``_posthoc_writing``; :func:`sweep` (re-exported here) in ``_posthoc_sweep``.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,29 +18,25 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 from typing_extensions import override
 
+from lightning_ema._posthoc_sweep import sweep
+from lightning_ema._posthoc_writing import (
+    check_sigma_rels,
+    resolve_file_format,
+    shard_regions,
+    snapshot_tensors,
+    supersede_after,
+)
 from lightning_ema._validate import check_choice, check_int, parse_dtype
 from lightning_ema.callback import EMACallback
 from lightning_ema.ema import BufferPolicy, NonFinitePolicy
-from lightning_ema.posthoc import (
-    DEFAULT_MAX_ERROR,
-    SUPERSEDED,
-    parse_snapshot_filename,
-    shard_region,
-    snapshot_filename,
-    synthesis_plan,
-    synthesize_many,
-    write_snapshot,
-)
+from lightning_ema.posthoc import DEFAULT_MAX_ERROR, SUPERSEDED, snapshot_filename, write_snapshot
 from lightning_ema.schedules import KarrasDecay
-from lightning_ema.sharding import is_sharded, reshard_all
 
 __all__ = ["PostHocEMA", "sweep"]
 
 _STATE = "posthoc"
-_FILE_FORMATS = ("auto", "safetensors", "torch")
 
 
 class PostHocEMA(EMACallback):
@@ -112,7 +108,7 @@ class PostHocEMA(EMACallback):
         suffix: str = "_ema",
         distance_every_n_steps: int = 100,
     ) -> None:
-        self.sigma_rels = _check_sigma_rels(sigma_rels)
+        self.sigma_rels = check_sigma_rels(sigma_rels)
         every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         self.snapshot_every_n_steps = check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
         if self.snapshot_every_n_steps % every_n_steps:
@@ -124,7 +120,7 @@ class PostHocEMA(EMACallback):
             raise ValueError(f"`dirpath` must be None or a path, got {dirpath!r}.")
         self.dirpath: str | None = None if dirpath is None else os.fspath(dirpath)
         self.snapshot_dtype = parse_dtype("snapshot_dtype", snapshot_dtype)
-        self.file_format = _resolve_file_format(file_format)
+        self.file_format = resolve_file_format(file_format)
         self.evaluate_sigma_rel: float | None = None
         if isinstance(evaluate, str):
             parent_evaluate = check_choice("evaluate", evaluate, ("raw", "ema", "both"))
@@ -354,24 +350,14 @@ class PostHocEMA(EMACallback):
             stack.close()
 
     def _write_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        regions = _shard_regions(pl_module)
+        regions = shard_regions(pl_module)
         if regions is None and not trainer.is_global_zero:
             return  # DDP: every rank holds the same EMAs; rank 0 writes them
         rank = None if regions is None else trainer.global_rank
         world_size = None if regions is None else trainer.world_size
-        emas, shards = [], {}
-        for index in range(len(self.sigma_rels)):
-            ema = {}
-            for name, tensor in self.ema_state_dict(index).items():
-                region = None if regions is None else regions.get(name)
-                if region is not None and not region[2]:
-                    continue  # another replica of this shard saves it
-                if region is None and rank not in (None, 0):
-                    continue  # unsharded tensors (buffers) are the same on every rank: rank 0 saves them
-                if region is not None:
-                    shards[name] = {"shape": region[0], "offset": region[1]}
-                ema[name] = self._for_file(tensor)
-            emas.append(ema)
+        emas, shards = snapshot_tensors(
+            self.ema_state_dict, len(self.sigma_rels), regions=regions, rank=rank, snapshot_dtype=self.snapshot_dtype
+        )
         file_format = self.file_format
         path = self.snapshot_dir(trainer) / snapshot_filename(
             step, rank=rank, world_size=world_size, file_format=file_format
@@ -387,31 +373,16 @@ class PostHocEMA(EMACallback):
             world_size=world_size,
         )
 
-    def _for_file(self, tensor: Tensor) -> Tensor:
-        dtype = self.snapshot_dtype if self.snapshot_dtype is not None and tensor.is_floating_point() else tensor.dtype
-        return tensor.detach().to(device="cpu", dtype=dtype)
-
     def _supersede_after(self, step: int, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Move the snapshots of steps after ``step`` that this rank is responsible for into ``superseded/``."""
         folder = self.snapshot_dir(trainer)
         if not folder.is_dir():
             return
-        sharded = _shard_regions(pl_module) is not None
+        sharded = shard_regions(pl_module) is not None
         rank = trainer.global_rank
         if not sharded and not trainer.is_global_zero:
             return
-        moved = []
-        for file in sorted(folder.iterdir()):
-            parsed = parse_snapshot_filename(file.name)
-            if parsed is None or parsed[0] <= step:
-                continue
-            owner = parsed[1]
-            mine = owner == rank or (rank == 0 and (owner is None or not sharded or owner >= trainer.world_size))
-            if mine:
-                target = folder / SUPERSEDED / file.name
-                target.parent.mkdir(exist_ok=True)
-                shutil.move(str(file), str(target))
-                moved.append(file.name)
+        moved = supersede_after(folder, step, rank=rank, world_size=trainer.world_size, sharded=sharded)
         if not moved or rank != 0:
             return
         message = (
@@ -422,121 +393,3 @@ class PostHocEMA(EMACallback):
             rank_zero_warn(f"{message} They are from an earlier run in the same folder.", category=UserWarning)
         else:
             rank_zero_info(f"{message} They were written after the checkpoint being resumed.")
-
-
-def _shard_regions(pl_module: pl.LightningModule) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] | None:
-    """The layout of every DTensor in the module by ``state_dict`` name, or ``None`` if the module is not sharded."""
-    tensors = pl_module.state_dict(keep_vars=True)
-    if not any(is_sharded(tensor) for tensor in tensors.values()):
-        return None
-    reshard_all(pl_module)  # a root unit left unsharded by validation would show full tensors
-    tensors = pl_module.state_dict(keep_vars=True)
-    return {name: shard_region(tensor) for name, tensor in tensors.items() if is_sharded(tensor)}
-
-
-def _check_sigma_rels(value: Any) -> tuple[float, ...]:
-    items = [value] if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
-    what = "a float or a non-empty list of distinct floats in (0, sqrt(1/12)] ~ (0, 0.2887]"
-    if not isinstance(items, Sequence) or isinstance(items, str) or not items:
-        raise ValueError(f"`sigma_rels` must be {what}, got {value!r}.")
-    result = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, numbers.Real):
-            raise ValueError(f"`sigma_rels` must be {what}, got {value!r}.")
-        KarrasDecay(sigma_rel=float(item))  # raises naming `sigma_rel` and the value
-        result.append(float(item))
-    if len(set(result)) != len(result):
-        raise ValueError(f"`sigma_rels` must be {what}, got {value!r} (a value repeats).")
-    return tuple(result)
-
-
-def _resolve_file_format(value: Any) -> str:
-    choice = check_choice("file_format", value, _FILE_FORMATS)
-    try:
-        import safetensors.torch  # noqa: F401
-    except ImportError:
-        if choice == "safetensors":
-            raise ValueError(
-                "`file_format` must be 'torch' or 'auto' without the safetensors package, got 'safetensors'. "
-                "pip install safetensors."
-            ) from None
-        return "torch"
-    return "safetensors" if choice == "auto" else choice
-
-
-def sweep(
-    trainer: pl.Trainer,
-    model: pl.LightningModule,
-    sigma_rels: Iterable[float],
-    *,
-    dirpath: str | os.PathLike[str],
-    datamodule: pl.LightningDataModule | None = None,
-    dataloaders: Any = None,
-    step: int | None = None,
-    max_error: float | None = DEFAULT_MAX_ERROR,
-) -> dict[float, dict[str, float]]:
-    """Validate ``model`` with the EMA synthesised for each ``sigma_rel``: "which EMA length is best?" in one call.
-
-    For each width (in increasing order), the synthesised EMA is loaded into ``model`` and ``trainer.validate`` runs
-    once; the metrics it produced (``trainer.callback_metrics``) are collected and also logged to every logger of the
-    Trainer as ``posthoc/<metric>`` together with ``posthoc/sigma_rel`` and ``posthoc/reconstruction_error``, at step
-    ``i`` for the ``i``-th width. The model's own weights are restored afterwards, also on an exception. All EMAs are
-    synthesised first in one pass over the snapshots (one copy of the averaged tensors per width, on the CPU).
-
-    Args:
-        trainer: the Trainer that validates (the one that trained, or a new one); none of its EMA callbacks may swap
-            its own EMA in for validation (``evaluate="raw"``).
-        model: the LightningModule the snapshots were taken of (unsharded).
-        sigma_rels: the relative widths to evaluate.
-        dirpath: the snapshot folder.
-        datamodule: passed to ``trainer.validate``.
-        dataloaders: passed to ``trainer.validate``.
-        step: the snapshot step the EMAs are read at; ``None`` is the last one.
-        max_error: passed to :func:`~lightning_ema.posthoc.synthesize`.
-
-    Returns:
-        ``{sigma_rel: {"reconstruction_error": ..., <metric>: value, ...}}``, by increasing ``sigma_rel``.
-
-    Raises:
-        ValueError: if a callback of ``trainer`` would swap its own EMA in, or for widths the snapshots cannot support.
-    """
-    swapping = [
-        type(callback).__name__
-        for callback in trainer.callbacks  # type: ignore[attr-defined]
-        if isinstance(callback, EMACallback)
-        and (callback.evaluate != "raw" or getattr(callback, "evaluate_sigma_rel", None) is not None)
-    ]
-    if swapping:
-        raise ValueError(
-            f"`trainer` must not swap an EMA of its own in for validation, got {swapping} with evaluate other than "
-            "'raw': validation would run with that EMA instead of the synthesised one. Use evaluate='raw', or a "
-            "Trainer without them."
-        )
-    widths = sorted(dict.fromkeys(float(sigma) for sigma in sigma_rels))
-    errors = {sigma: synthesis_plan(dirpath, sigma, step=step).error for sigma in widths}
-    weights = synthesize_many(dirpath, widths, step=step, max_error=max_error)
-    own = model.state_dict()
-    unknown = sorted(set(next(iter(weights.values()))) - set(own))
-    if unknown:
-        raise ValueError(f"`model` must have the snapshots' tensors, got a model without {unknown[:5]}.")
-    raw = {name: tensor.detach().clone() for name, tensor in own.items()}
-    results: dict[float, dict[str, float]] = {}
-    try:
-        for position, sigma in enumerate(widths):
-            model.load_state_dict(weights[sigma], strict=False)
-            trainer.validate(model, dataloaders=dataloaders, datamodule=datamodule, verbose=False)
-            metrics = {
-                name: float(value)
-                for name, value in trainer.callback_metrics.items()
-                if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1)
-            }
-            results[sigma] = {"reconstruction_error": errors[sigma], **metrics}
-            logged = {f"posthoc/{name}": value for name, value in results[sigma].items()}
-            logged["posthoc/sigma_rel"] = sigma
-            for logger in trainer.loggers:
-                logger.log_metrics(logged, step=position)
-    finally:
-        model.load_state_dict(raw)
-    for logger in trainer.loggers:
-        logger.save()
-    return results

@@ -7,6 +7,7 @@ import math
 import pickle
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -434,6 +435,32 @@ def test_pickle_round_trip(schedule: DecaySchedule) -> None:
         assert repr(copy) == repr(schedule)
         assert [copy(t) for t in STEPS] == [schedule(t) for t in STEPS]
         assert copy.interval_decay(3, 500) == schedule.interval_decay(3, 500)
+
+
+# pickle.dumps(WarmupDecay(0.99, 10), protocol=2) as written before the schedules moved into private modules.
+_PICKLE_BEFORE_THE_SPLIT = (
+    b"\x80\x02clightning_ema.schedules\nWarmupDecay\nq\x00)\x81q\x01}q\x02(X\x05\x00\x00\x00decayq\x03G?\xef"
+    b"\xae\x14z\xe1G\xaeX\x06\x00\x00\x00warmupq\x04G@$\x00\x00\x00\x00\x00\x00ub."
+)
+
+
+def test_schedules_are_pickled_under_their_public_module(tmp_path: Path) -> None:
+    # The classes live in private modules; pickles, reprs and YAML class paths must keep naming
+    # lightning_ema.schedules, so that checkpoints and safe-globals allowlists written before the split still load.
+    for name in schedules_module.__all__:
+        value = getattr(schedules_module, name)
+        if isinstance(value, type):
+            assert value.__module__ == "lightning_ema.schedules", name
+            assert value.__qualname__ == name
+    old = pickle.loads(_PICKLE_BEFORE_THE_SPLIT)
+    assert type(old) is WarmupDecay
+    assert old == WarmupDecay(0.99, 10)
+    assert pickle.dumps(WarmupDecay(0.99, 10), protocol=2) == _PICKLE_BEFORE_THE_SPLIT
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "schedules.pt"
+    torch.save(SCHEDULES, path)
+    # the package allowlists the built-in schedules by their public path (add_safe_globals, at import)
+    assert torch.load(path, weights_only=True) == SCHEDULES
 
 
 def test_equality_and_hash() -> None:
