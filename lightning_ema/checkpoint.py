@@ -30,16 +30,17 @@ Every EMA state a reader returns has passed :func:`~lightning_ema._state_validat
 
 from __future__ import annotations
 
-import ast
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from lightning_ema._files import load_file, refuse_same_file, write_atomically
+from lightning_ema._checkpoint_folders import SHARD_PREFIX, load_distributed_checkpoint, load_sharded_ema, shard_key
+from lightning_ema._export import write_export
+from lightning_ema._files import load_file, refuse_same_file
+from lightning_ema._state_keys import config_changes, find_state_key, normalize_state_key
 from lightning_ema._state_validation import FORMAT, VERSION, check_ema_state, check_tensors
 from lightning_ema.errors import EMAStateError
 from lightning_ema.schedules import normalize_repr
@@ -57,17 +58,10 @@ __all__ = [
     "find_state_key",
     "load_checkpoint",
     "load_ema_state_dict",
+    "load_sharded_ema",
     "normalize_state_key",
     "shard_key",
 ]
-
-SHARD_PREFIX = "__ema__/"
-_METADATA_FILE = "meta.pt"  # what ModelParallelStrategy names the non-tensor part of a distributed checkpoint
-
-
-def shard_key(state_key: str, index: int, name: str) -> str:
-    """The ``checkpoint["state_dict"]`` key under which a sharded EMA tensor is saved in a distributed checkpoint."""
-    return f"{SHARD_PREFIX}{state_key}/{index}/{name}"
 
 
 def emas_of(state: Mapping[str, Any]) -> list[Mapping[str, Tensor]]:
@@ -97,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
     """
     path = Path(path)
     if path.is_dir():
-        return _load_distributed_checkpoint(path, weights_only=weights_only)
+        return load_distributed_checkpoint(path, weights_only=weights_only)
     from lightning_ema.formats import allowed_globals
 
     with allowed_globals():  # argparse.Namespace: timm's training checkpoints hold their `args` as one
@@ -107,186 +101,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
             f"{str(path)!r} is not a Lightning checkpoint: it holds a {type(checkpoint).__name__}, not a dict."
         )
     return checkpoint
-
-
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """Describe the settings that differ between a saved configuration and the current one (``None``: same).
-
-    Schedule descriptions are compared in their normalised form (:func:`~lightning_ema.schedules.normalize_repr`),
-    so a schedule saved by an older version as ``warmup=10`` is the same as today's ``warmup=10.0``.
-    """
-    changed = [
-        f"{key}: {saved.get(key)!r} -> {value!r}"
-        for key, value in current.items()
-        if _normalized(saved.get(key)) != _normalized(value)
-    ]
-    return ", ".join(changed) or None
-
-
-def _normalized(value: Any) -> Any:
-    if isinstance(value, str):
-        return normalize_repr(value)
-    if isinstance(value, (list, tuple)):
-        return [_normalized(item) for item in value]
-    return value
-
-
-def normalize_state_key(key: str) -> str:
-    """Return ``key`` with the schedule descriptions in it normalised (see :func:`config_changes`).
-
-    A state key is the callback's class name followed by the ``repr`` of a dict of plain values
-    (``EMACallback{'decay': 'WarmupDecay(decay=0.99, warmup=10)', ...}``); the dict is parsed, not evaluated. A key
-    that is not of that form comes back unchanged.
-    """
-    start = key.find("{")
-    if start <= 0:
-        return key
-    try:
-        fields = ast.literal_eval(key[start:])
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-        return key
-    if not isinstance(fields, dict):
-        return key
-    if isinstance(fields.get("decay"), str):
-        fields["decay"] = normalize_repr(fields["decay"])
-    elif isinstance(fields.get("decay"), list):
-        fields["decay"] = [normalize_repr(item) if isinstance(item, str) else item for item in fields["decay"]]
-    return f"{key[:start]}{fields!r}"
-
-
-def find_state_key(states: Mapping[str, Any], state_key: str) -> str | None:
-    """Return the key under which ``states`` holds the state of ``state_key``, or ``None``.
-
-    An exact match first; otherwise the one key that is equal once schedule descriptions are normalised (a
-    checkpoint written before ``WarmupDecay(0.99, 10)`` and ``WarmupDecay(0.99, 10.0)`` had one key).
-    """
-    if state_key in states:
-        return state_key
-    wanted = normalize_state_key(state_key)
-    matches = [key for key in states if normalize_state_key(key) == wanted]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str, Any]:
-    """Read a distributed checkpoint folder in one process: ``meta.pt`` plus the ``state_dict`` tensors."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from lightning_ema._dcp import load_tensors, read_metadata
-
-    if not (path / _METADATA_FILE).is_file():
-        raise ValueError(
-            f"{str(path)!r} is a folder without {_METADATA_FILE}: not a distributed checkpoint written by Lightning."
-        )
-    loaded = load_file(path / _METADATA_FILE, weights_only=weights_only)
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{str(path / _METADATA_FILE)!r} holds a {type(loaded).__name__}, not a checkpoint dict.")
-    checkpoint = dict(loaded)
-    metadata = read_metadata(path, weights_only=weights_only)
-    stored = metadata.state_dict_metadata
-    tensors = {
-        key.removeprefix("state_dict."): meta
-        for key, meta in stored.items()
-        if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
-    }
-    _refuse_oversized(path, metadata, tensors)
-    wanted = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in tensors.items()}
-    request = {"state_dict": wanted}
-    load_tensors(request, path, metadata, no_dist=True)
-    weights = request["state_dict"]
-    callbacks = checkpoint.get("callbacks") or {}
-    if not isinstance(callbacks, Mapping):
-        raise EMAStateError(
-            f"checkpoint['callbacks'] must be a dict of callback states, got a {type(callbacks).__name__}."
-        )
-    callbacks = dict(callbacks)
-    for key, state in callbacks.items():
-        if isinstance(state, Mapping) and state.get("format") == FORMAT and state.get("sharded"):
-            callbacks[key] = _with_shards(path, str(key), state, weights)
-    checkpoint["callbacks"] = callbacks
-    checkpoint["state_dict"] = {key: value for key, value in weights.items() if not key.startswith(SHARD_PREFIX)}
-    return checkpoint
-
-
-def _with_shards(path: Path, key: str, state: Mapping[str, Any], weights: dict[str, Tensor]) -> dict[str, Any]:
-    """A copy of a sharded callback state whose EMAs hold the consolidated shards read from the folder."""
-    layout = check_ema_state(state, state_key=key, tensors=False)
-    missing = sorted(
-        shard_key(key, index, name)
-        for index in range(len(layout["emas"]))
-        for name in layout.get("sharded", ())
-        if shard_key(key, index, name) not in weights
-    )
-    if missing:
-        raise EMAStateError(f"The distributed checkpoint {str(path)!r} lacks the EMA shards {missing}.")
-    result = dict(state)
-    result["emas"] = [
-        {**ema, **{name: weights.pop(shard_key(key, index, name)) for name in layout.get("sharded", ())}}
-        for index, ema in enumerate(layout["emas"])
-    ]
-    return result
-
-
-def _refuse_oversized(path: Path, metadata: Any, tensors: Mapping[str, Any]) -> None:
-    """Refuse an index that claims more tensor bytes than the folder's files hold (it would exhaust memory)."""
-    storage = metadata.storage_data.values()
-    if any(getattr(info, "transform_descriptors", None) for info in storage):
-        return  # compressed files: their size says nothing about the tensors'
-    claimed = 0
-    for meta in tensors.values():
-        count = 1
-        for size in meta.size:
-            count *= size
-        claimed += count * meta.properties.dtype.itemsize
-    available = sum(
-        (path / name).stat().st_size for name in {info.relative_path for info in storage} if (path / name).is_file()
-    )
-    if claimed > available:
-        raise ValueError(
-            f"{str(path / '.metadata')!r} describes {claimed} bytes of tensors, but the folder's tensor files hold "
-            f"{available}: the checkpoint is incomplete or its index is wrong."
-        )
-
-
-def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[str, Any], module: nn.Module) -> None:
-    """Fill ``state["emas"]`` with this rank's EMA shards from a distributed checkpoint folder (all ranks call it).
-
-    The folder's ``.metadata`` is read by :func:`lightning_ema._dcp.read_metadata`, which unpickles nothing but
-    torch's metadata classes.
-
-    Raises:
-        EMAStateError: if the folder lacks a shard the state lists; nothing is changed then.
-        ValueError: if the folder's ``.metadata`` is not a valid index (or holds anything else).
-    """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from lightning_ema._dcp import load_tensors, read_metadata
-    from lightning_ema.sharding import reshard_all
-
-    metadata = read_metadata(Path(path))
-    stored = metadata.state_dict_metadata
-    reshard_all(module)
-    live = module.state_dict(keep_vars=True)
-    keys = {
-        (index, name): shard_key(state_key, index, name)
-        for index in range(len(state["emas"]))
-        for name in state["sharded"]
-    }
-    missing = sorted(
-        key
-        for (_, name), key in keys.items()
-        if not isinstance(stored.get(f"state_dict.{key}"), TensorStorageMetadata) or name not in live
-    )
-    if missing:
-        raise EMAStateError(
-            f"The distributed checkpoint {str(path)!r} lacks EMA shards or the model their names: {missing}."
-        )
-    placeholders = {
-        key: torch.empty_like(live[name], dtype=stored[f"state_dict.{key}"].properties.dtype)
-        for (_, name), key in keys.items()
-    }
-    load_tensors({"state_dict": placeholders}, Path(path), metadata)
-    for (index, name), key in keys.items():
-        state["emas"][index][name] = placeholders[key].to_local().clone()  # type: ignore[attr-defined]
 
 
 def ema_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -486,14 +300,6 @@ def _ema_weights(
     return weights
 
 
-def _save_atomically(output: Path, obj: object) -> None:
-    def save(path: str) -> None:
-        with open(path, "wb") as stream:  # through Python's file, so a full disk raises OSError with its errno
-            torch.save(obj, stream)
-
-    write_atomically(output, save)
-
-
 def export_ema(
     checkpoint_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -541,41 +347,12 @@ def export_ema(
         format=format,
         module=module,
     )
-    if to != "state_dict":
-        from lightning_ema.formats import to_diffusers, to_timm
-
-        if output.suffix == ".safetensors":
-            raise ValueError(f"`to={to!r}` writes a torch.save file; choose an output name not ending in .safetensors.")
-        if to == "timm":
-            wrapped = to_timm(weights)
-        else:
-            saved_step = checkpoint.get("global_step")
-            step = saved_step if isinstance(saved_step, int) else None
-            names = None if module is None else [name for name, _ in module.named_parameters()]
-            wrapped = to_diffusers(weights, step=step, parameter_names=names)
-        _save_atomically(output, wrapped)
-        return weights
-    if output.suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError as error:
-            raise ValueError(
-                f"Writing {str(output)!r} needs the safetensors package: pip install safetensors."
-            ) from error
-        not_tensors = sorted(name for name, value in weights.items() if not isinstance(value, Tensor))
-        if not_tensors:
-            raise ValueError(
-                f"A safetensors file holds tensors only, but these entries are not: {not_tensors}. Export to a "
-                "file with another suffix (torch.save) instead."
-            )
-        # safetensors refuses tensors that share storage (tied weights): give each its own.
-        seen: set[int] = set()
-        contiguous = {}
-        for name, tensor in weights.items():
-            pointer = tensor.untyped_storage().data_ptr()
-            contiguous[name] = tensor.contiguous() if pointer not in seen else tensor.clone()
-            seen.add(pointer)
-        write_atomically(output, lambda path: save_file(contiguous, path))
-    else:
-        _save_atomically(output, weights)
+    saved_step = checkpoint.get("global_step")
+    write_export(
+        output,
+        weights,
+        to=to,
+        step=saved_step if isinstance(saved_step, int) else None,
+        parameter_names=None if module is None else [name for name, _ in module.named_parameters()],
+    )
     return weights

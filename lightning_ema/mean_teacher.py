@@ -7,7 +7,6 @@ adds the Lightning hooks and the rules that keep the teacher out of optimizers.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -18,8 +17,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import Self, override
 
+from lightning_ema import _teacher
+from lightning_ema._teacher import CHECKPOINT_KEY
 from lightning_ema._validate import check_bool, check_choice
-from lightning_ema.checkpoint import config_changes
 from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
 from lightning_ema.schedules import (
     ConstantDecay,
@@ -35,9 +35,6 @@ from lightning_ema.schedules import (
 )
 
 __all__ = ["MeanTeacherModule"]
-
-#: The checkpoint key under which the teacher's counters and configuration are saved.
-CHECKPOINT_KEY = "mean_teacher"
 
 # A subclass's `save_hyperparameters()` puts a `teacher_decay` schedule into every checkpoint, and Lightning
 # loads checkpoints with torch's default `weights_only=True`: allow the built-in schedules, which hold plain
@@ -196,7 +193,7 @@ class MeanTeacherModule(pl.LightningModule):
                 raise RuntimeError("Cannot replace the student while the teacher's weights are swapped into it.")
             super().__setattr__(name, value)
             self._teacher_ema = None
-            super().__setattr__("teacher", _frozen_copy(value, self._teacher_training(self.training)))
+            super().__setattr__("teacher", _teacher.frozen_copy(value, self._teacher_training(self.training)))
             return
         super().__setattr__(name, value)
 
@@ -254,59 +251,25 @@ class MeanTeacherModule(pl.LightningModule):
         """Create the teacher's EMA (the teacher is its storage), or re-pair it after a device move or load."""
         teacher = self._require_teacher()
         trainer = self.trainer
-        ema = self._teacher_ema
-        if ema is None or ema.module is not self.student:
-            ema = self._teacher_ema = EMA.from_config(
-                self.student, self._teacher_config, step=trainer.global_step, target=teacher
-            )
-        else:
-            ema.refresh()
-        if self._restored_counters is not None:
-            ema.num_updates, ema.last_update_step = self._restored_counters
-            ema.count_steps_from(ema.last_update_step)
-            self._restored_counters = None
-        if ema.step > trainer.global_step:
-            # Counters from another run's step numbering (load_from_checkpoint, then a new Trainer): the teacher
-            # is kept and its steps are counted from this Trainer's step on.
-            ema.count_steps_from(trainer.global_step)
+        ema = self._teacher_ema = _teacher.bound_ema(
+            self._teacher_ema, self.student, teacher, self._teacher_config, trainer.global_step
+        )
+        counters, self._restored_counters = self._restored_counters, None
+        _teacher.restore_counters(ema, counters, trainer.global_step)
         if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
             # Attached here rather than through `configure_callbacks`, which subclasses often override.
             trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]
         return ema
 
-    def _check_optimizers(self) -> None:
-        teacher = self._require_teacher()
-        names = {id(p): name for name, p in teacher.named_parameters()}
-        for index, optimizer in enumerate(self.trainer.optimizers):
-            held = sorted(names[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in names)
-            if held:
-                raise RuntimeError(
-                    f"Optimizer {index} ({type(optimizer).__name__}) holds teacher parameters "
-                    f"{['teacher.' + name for name in held[:5]]}{' ...' if len(held) > 5 else ''}. The teacher is "
-                    "the EMA of the student and must not be optimised: pass `self.student.parameters()` or "
-                    "`self.parameters()` (which leaves the teacher out) to the optimizer."
-                )
-
     def _check_hooks_ran(self, where: str) -> None:
         """Raise if a teacher update was missed or a swap was left in place (a hook overridden without super)."""
-        if self._teacher_swapped and where in ("on_train_batch_start", "on_train_end"):
-            raise RuntimeError(
-                f"{type(self).__name__}: the teacher's weights are still in the student at {where}. An override of "
-                "`on_validation_model_train` or `on_test_model_train` must call super()."
-            )
-        if self._seen_step is None:
-            if where == "on_train_batch_start":
-                raise RuntimeError(
-                    f"{type(self).__name__}: training started without the teacher being set up. An override of "
-                    "`on_train_start` must call super().on_train_start()."
-                )
-            return
-        if self.trainer.global_step > self._seen_step:
-            raise RuntimeError(
-                f"{type(self).__name__}: optimizer step {self.trainer.global_step} happened but the teacher was not "
-                f"updated (noticed at {where}). An override of `on_train_batch_end` must call "
-                "super().on_train_batch_end(outputs, batch, batch_idx)."
-            )
+        _teacher.check_hooks_ran(
+            type(self).__name__,
+            swapped=self._teacher_swapped,
+            seen_step=self._seen_step,
+            global_step=self.trainer.global_step,
+            where=where,
+        )
 
     @property
     def _teacher_swapped(self) -> bool:
@@ -341,7 +304,7 @@ class MeanTeacherModule(pl.LightningModule):
         ema = self._ensure_bound()
         if self.copy_student_at_start and self.trainer.global_step == 0:
             ema.copy_from_module()
-        self._check_optimizers()
+        _teacher.check_optimizers(self._require_teacher(), self.trainer.optimizers)
         self._require_teacher().train(self._teacher_training(self.training))
         self._seen_step = self.trainer.global_step
 
@@ -369,9 +332,7 @@ class MeanTeacherModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation hooks
     def _capture_modes(self) -> None:
-        # Lightning restores each submodule's mode after evaluation unless `on_*_model_train` is overridden, as
-        # it is here; so the modes are captured and restored here, the way Lightning does it.
-        self._captured_modes = {name: module.training for name, module in self.named_modules()}
+        self._captured_modes = _teacher.capture_modes(self)
 
     def _begin_evaluation(self) -> None:
         ema = self._ensure_bound()
@@ -383,12 +344,7 @@ class MeanTeacherModule(pl.LightningModule):
         if self.evaluate == "teacher" and self._teacher_ema is not None:
             self._teacher_ema.swap_out()
         modes, self._captured_modes = self._captured_modes, None
-        if modes is None:
-            self.train()
-            return
-        for name, module in self.named_modules():
-            if name in modes:
-                module.training = modes[name]
+        _teacher.restore_modes(self, modes)
 
     @override
     def on_validation_model_eval(self) -> None:
@@ -415,16 +371,6 @@ class MeanTeacherModule(pl.LightningModule):
         self._end_evaluation()
 
     # ------------------------------------------------------------------ checkpoints
-    def _config(self) -> dict[str, Any]:
-        config = self._teacher_config
-        return {
-            "teacher_decay": repr(config.schedules[0]),
-            "every_n_steps": config.every_n_steps,
-            "start_step": config.start_step,
-            "buffers": config.buffers,
-            **config.step_rule_changes(),
-        }
-
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
@@ -436,17 +382,9 @@ class MeanTeacherModule(pl.LightningModule):
         else:
             counters = None
         if counters is not None:
-            checkpoint[CHECKPOINT_KEY] = {
-                "num_updates": counters[0],
-                "last_update_step": counters[1],
-                "config": self._config(),
-            }
-        state_dict = checkpoint.get("state_dict")
-        if ema is not None and ema.is_swapped and state_dict is not None:
-            for name, raw in ema.raw_state_dict().items():
-                key = f"student.{name}"
-                if key in state_dict:
-                    state_dict[key] = raw
+            checkpoint[CHECKPOINT_KEY] = _teacher.saved_counters(counters, self._teacher_config)
+        if ema is not None:
+            _teacher.keep_student_weights(checkpoint, ema)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -454,7 +392,7 @@ class MeanTeacherModule(pl.LightningModule):
         state = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(state, dict):
             return
-        details = config_changes(state.get("config", {}), self._config())
+        details = _teacher.changed_settings(state, self._teacher_config)
         if details:
             rank_zero_warn(
                 f"Loading a teacher saved with a different configuration ({details}); it continues with the new"
@@ -512,13 +450,3 @@ class _MeanTeacherGuard(Callback):
         """Give the student its own weights back before anything else looks at the module."""
         if isinstance(pl_module, MeanTeacherModule):
             pl_module._restore_student()
-
-
-def _frozen_copy(student: nn.Module, training: bool) -> nn.Module:
-    """Return a deep copy of ``student`` without gradients, in the given mode."""
-    teacher = copy.deepcopy(student)
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-        parameter.grad = None
-    teacher.train(training)
-    return teacher
