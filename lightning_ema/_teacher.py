@@ -1,14 +1,15 @@
 """The parts of :class:`~lightning_ema.MeanTeacherModule` that need no LightningModule (torch only).
 
-Creating the frozen teacher, binding its :class:`~lightning_ema.EMA` (the teacher is the EMA's storage), the checks
-that keep it out of optimizers and detect hooks overridden without ``super()``, capturing and restoring submodule
-modes around evaluation, and the teacher's entry in a checkpoint.
+Creating the frozen teacher; :class:`TeacherRun`, which holds the teacher's :class:`~lightning_ema.EMA` (the
+teacher is the EMA's storage) and its bookkeeping; the checks that keep the teacher out of optimizers and detect
+hooks overridden without ``super()``; capturing and restoring submodule modes around evaluation; and the teacher's
+entry in a checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -20,6 +21,7 @@ from lightning_ema.ema import EMA
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "TeacherRun",
     "bound_ema",
     "capture_modes",
     "changed_settings",
@@ -31,6 +33,7 @@ __all__ = [
     "restore_modes",
     "saved_counters",
     "teacher_settings",
+    "without_teacher",
 ]
 
 #: The checkpoint key under which the teacher's counters and configuration are saved.
@@ -45,6 +48,17 @@ def frozen_copy(student: nn.Module, training: bool) -> nn.Module:
         parameter.grad = None
     teacher.train(training)
     return teacher
+
+
+def without_teacher(
+    named: Iterable[tuple[str, nn.Parameter]], modules: Mapping[str, nn.Module | None]
+) -> Iterator[tuple[str, nn.Parameter]]:
+    """Yield the ``named`` parameters that are not parameters of ``modules["teacher"]`` (if there is one)."""
+    teacher = modules.get("teacher")
+    skip = set() if teacher is None else {id(p) for p in teacher.parameters()}
+    for name, parameter in named:
+        if id(parameter) not in skip:
+            yield name, parameter
 
 
 def bound_ema(ema: EMA | None, student: nn.Module, teacher: nn.Module, config: EMAConfig, step: int) -> EMA:
@@ -157,3 +171,92 @@ def keep_student_weights(checkpoint: Mapping[str, Any], ema: EMA) -> None:
 def changed_settings(state: Mapping[str, Any], config: EMAConfig) -> str | None:
     """Describe how the configuration saved in the teacher's checkpoint entry differs from ``config``."""
     return config_changes(state.get("config", {}), teacher_settings(config))
+
+
+class TeacherRun:
+    """The teacher's EMA and the bookkeeping that checks the module's hooks ran.
+
+    Attributes:
+        config: the teacher's validated settings.
+        ema: the teacher's EMA, created when training or evaluation first binds it.
+        restored_counters: ``(num_updates, last_update_step)`` loaded from a checkpoint, until the EMA takes them.
+        seen_step: the optimizer step of the last teacher update in this ``fit`` (``None`` outside one).
+        captured_modes: each submodule's mode before evaluation, restored after it.
+    """
+
+    def __init__(self, config: EMAConfig) -> None:
+        self.config = config
+        self.ema: EMA | None = None
+        self.restored_counters: tuple[int, int] | None = None
+        self.seen_step: int | None = None
+        self.captured_modes: dict[str, bool] | None = None
+
+    @property
+    def num_updates(self) -> int:
+        """How many times the teacher was updated, checkpoints included."""
+        if self.restored_counters is not None:
+            return self.restored_counters[0]
+        return 0 if self.ema is None else self.ema.num_updates
+
+    @property
+    def swapped(self) -> bool:
+        """Whether the teacher's weights are in the student."""
+        return self.ema is not None and self.ema.is_swapped
+
+    def bind(self, student: nn.Module, teacher: nn.Module, step: int) -> EMA:
+        """Create the EMA, or re-pair it, and give it the counters restored from a checkpoint."""
+        ema = self.ema = bound_ema(self.ema, student, teacher, self.config, step)
+        counters, self.restored_counters = self.restored_counters, None
+        restore_counters(ema, counters, step)
+        return ema
+
+    def update(self, student: nn.Module, step: int, owner: str) -> float | None:
+        """Update the teacher after optimizer step ``step``; return the decay used (``None``: no update due)."""
+        ema = self.ema
+        if ema is None or ema.module is not student:
+            raise RuntimeError(
+                f"{owner}: the teacher was not set up when training started. An override of "
+                "`on_train_start` must call super().on_train_start()."
+            )
+        decay = ema.update(step)
+        self.seen_step = step
+        return decay
+
+    def end_training(self) -> None:
+        """Give every rank rank 0's teacher buffers; forget this run's step bookkeeping (the counters stay)."""
+        if self.ema is not None:
+            self.ema.take_rank_zero_buffers()
+        self.seen_step = None
+
+    def restore_student(self) -> None:
+        """Put the student's own weights back, whatever the swap depth, and forget the captured modes."""
+        if self.ema is not None:
+            self.ema.swap_out(force=True)
+        self.captured_modes = None
+
+    def check_hooks_ran(self, owner: str, global_step: int, where: str) -> None:
+        """Raise if a teacher update was missed or a swap was left in place (see :func:`check_hooks_ran`)."""
+        check_hooks_ran(owner, swapped=self.swapped, seen_step=self.seen_step, global_step=global_step, where=where)
+
+    def end_evaluation(self, module: nn.Module, swapped_in: bool) -> None:
+        """Give the student its own weights back (if ``swapped_in``) and restore the captured modes."""
+        if swapped_in and self.ema is not None:
+            self.ema.swap_out()
+        modes, self.captured_modes = self.captured_modes, None
+        restore_modes(module, modes)
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
+        ema = self.ema
+        if ema is not None:
+            counters: tuple[int, int] | None = (ema.num_updates, ema.last_update_step)
+        else:
+            counters = self.restored_counters
+        if counters is not None:
+            checkpoint[CHECKPOINT_KEY] = saved_counters(counters, self.config)
+        if ema is not None:
+            keep_student_weights(checkpoint, ema)
+
+    def take_counters(self, state: Mapping[str, Any]) -> None:
+        """Keep the counters of the teacher's checkpoint entry until the EMA is bound."""
+        self.restored_counters = (int(state["num_updates"]), int(state["last_update_step"]))

@@ -160,7 +160,7 @@ class MeanTeacherModule(pl.LightningModule):
         copy_student_at_start: bool = False,
     ) -> None:
         super().__init__()
-        self._teacher_config = EMAConfig.create(
+        config = EMAConfig.create(
             as_schedule(teacher_decay, "teacher_decay"),
             every_n_steps=every_n_steps,
             start_step=start_step,
@@ -173,12 +173,9 @@ class MeanTeacherModule(pl.LightningModule):
             integer_buffers=integer_buffers,
         )
         self.copy_student_at_start = check_bool("copy_student_at_start", copy_student_at_start)
-        self._teacher_ema: EMA | None = None
         self.teacher_mode = check_choice("teacher_mode", teacher_mode, ("eval", "train"))
         self.evaluate = check_choice("evaluate", evaluate, ("teacher", "student"))
-        self._restored_counters: tuple[int, int] | None = None
-        self._seen_step: int | None = None
-        self._captured_modes: dict[str, bool] | None = None
+        self._teacher_run = _teacher.TeacherRun(config)
 
     # ------------------------------------------------------------------ the teacher
     @override
@@ -187,12 +184,11 @@ class MeanTeacherModule(pl.LightningModule):
             raise AttributeError(
                 "`teacher` is created from `student`: assign `self.student = ...` and the teacher follows."
             )
-        if name == "student" and isinstance(value, nn.Module) and "_teacher_config" in self.__dict__:
-            ema = self._teacher_ema
-            if ema is not None and ema.is_swapped:
+        if name == "student" and isinstance(value, nn.Module) and "_teacher_run" in self.__dict__:
+            if self._teacher_run.swapped:
                 raise RuntimeError("Cannot replace the student while the teacher's weights are swapped into it.")
             super().__setattr__(name, value)
-            self._teacher_ema = None
+            self._teacher_run.ema = None
             super().__setattr__("teacher", _teacher.frozen_copy(value, self._teacher_training(self.training)))
             return
         super().__setattr__(name, value)
@@ -212,14 +208,17 @@ class MeanTeacherModule(pl.LightningModule):
     @property
     def teacher_schedule(self) -> DecaySchedule:
         """The teacher's decay schedule (a float ``teacher_decay`` becomes a ``ConstantDecay``)."""
-        return self._teacher_config.schedules[0]
+        return self._teacher_run.config.schedules[0]
 
     @property
     def num_teacher_updates(self) -> int:
         """How many times the teacher was updated (copies during ``start_step`` included), checkpoints included."""
-        if self._restored_counters is not None:
-            return self._restored_counters[0]
-        return 0 if self._teacher_ema is None else self._teacher_ema.num_updates
+        return self._teacher_run.num_updates
+
+    @property
+    def ema_evaluates_own_average(self) -> bool:
+        """Whether validation and test run with the teacher (an average already; an EMACallback must not swap)."""
+        return self.evaluate == "teacher"
 
     @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -231,11 +230,7 @@ class MeanTeacherModule(pl.LightningModule):
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
         """Yield the parameters of everything but the teacher, so that optimizers built from them leave it out."""
-        teacher = self._modules.get("teacher")
-        skip = set() if teacher is None else {id(p) for p in teacher.parameters()}
-        for name, parameter in super().named_parameters(prefix, recurse, remove_duplicate):
-            if id(parameter) not in skip:
-                yield name, parameter
+        yield from _teacher.without_teacher(super().named_parameters(prefix, recurse, remove_duplicate), self._modules)
 
     @override
     def train(self, mode: bool = True) -> Self:
@@ -250,41 +245,17 @@ class MeanTeacherModule(pl.LightningModule):
     def _ensure_bound(self) -> EMA:
         """Create the teacher's EMA (the teacher is its storage), or re-pair it after a device move or load."""
         teacher = self._require_teacher()
-        trainer = self.trainer
-        ema = self._teacher_ema = _teacher.bound_ema(
-            self._teacher_ema, self.student, teacher, self._teacher_config, trainer.global_step
-        )
-        counters, self._restored_counters = self._restored_counters, None
-        _teacher.restore_counters(ema, counters, trainer.global_step)
-        if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
-            # Attached here rather than through `configure_callbacks`, which subclasses often override.
-            trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]
+        ema = self._teacher_run.bind(self.student, teacher, self.trainer.global_step)
+        _attach_guard(self.trainer)
         return ema
 
     def _check_hooks_ran(self, where: str) -> None:
         """Raise if a teacher update was missed or a swap was left in place (a hook overridden without super)."""
-        _teacher.check_hooks_ran(
-            type(self).__name__,
-            swapped=self._teacher_swapped,
-            seen_step=self._seen_step,
-            global_step=self.trainer.global_step,
-            where=where,
-        )
-
-    @property
-    def _teacher_swapped(self) -> bool:
-        return self._teacher_ema is not None and self._teacher_ema.is_swapped
-
-    @property
-    def ema_evaluates_own_average(self) -> bool:
-        """Whether validation and test run with the teacher (an average already; an EMACallback must not swap)."""
-        return self.evaluate == "teacher"
+        self._teacher_run.check_hooks_ran(type(self).__name__, self.trainer.global_step, where)
 
     def _restore_student(self) -> None:
         """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
-        if self._teacher_ema is not None:
-            self._teacher_ema.swap_out(force=True)
-        self._captured_modes = None
+        self._teacher_run.restore_student()
         teacher = self._modules.get("teacher")
         if teacher is not None:
             teacher.train(self._teacher_training(self.training))
@@ -306,85 +277,56 @@ class MeanTeacherModule(pl.LightningModule):
             ema.copy_from_module()
         _teacher.check_optimizers(self._require_teacher(), self.trainer.optimizers)
         self._require_teacher().train(self._teacher_training(self.training))
-        self._seen_step = self.trainer.global_step
+        self._teacher_run.seen_step = self.trainer.global_step
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the teacher if an optimizer step due for an update happened in this batch; log the decay."""
-        ema = self._teacher_ema
-        if ema is None or ema.module is not self.student:
-            raise RuntimeError(
-                f"{type(self).__name__}: the teacher was not set up when training started. An override of "
-                "`on_train_start` must call super().on_train_start()."
-            )
-        step = self.trainer.global_step
-        decay = ema.update(step)
-        self._seen_step = step
+        decay = self._teacher_run.update(self.student, self.trainer.global_step, type(self).__name__)
         if decay is not None:
             self.log("teacher/decay", decay, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_train_end(self) -> None:
         """Give every rank rank 0's teacher buffers; forget this run's step bookkeeping (the counters stay)."""
-        if self._teacher_ema is not None:
-            self._teacher_ema.take_rank_zero_buffers()
-        self._seen_step = None
+        self._teacher_run.end_training()
 
     # ------------------------------------------------------------------ evaluation hooks
-    def _capture_modes(self) -> None:
-        self._captured_modes = _teacher.capture_modes(self)
-
     def _begin_evaluation(self) -> None:
         ema = self._ensure_bound()
         ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
         if self.evaluate == "teacher":
             ema.swap_in()
 
-    def _end_evaluation(self) -> None:
-        if self.evaluate == "teacher" and self._teacher_ema is not None:
-            self._teacher_ema.swap_out()
-        modes, self._captured_modes = self._captured_modes, None
-        _teacher.restore_modes(self, modes)
-
     @override
     def on_validation_model_eval(self) -> None:
         """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
-        self._capture_modes()
+        self._teacher_run.captured_modes = _teacher.capture_modes(self)
         super().on_validation_model_eval()
         self._begin_evaluation()
 
     @override
     def on_validation_model_train(self) -> None:
         """Give the student its own weights back and restore each submodule's mode."""
-        self._end_evaluation()
+        self._teacher_run.end_evaluation(self, swapped_in=self.evaluate == "teacher")
 
     @override
     def on_test_model_eval(self) -> None:
         """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
-        self._capture_modes()
+        self._teacher_run.captured_modes = _teacher.capture_modes(self)
         super().on_test_model_eval()
         self._begin_evaluation()
 
     @override
     def on_test_model_train(self) -> None:
         """Give the student its own weights back and restore each submodule's mode."""
-        self._end_evaluation()
+        self._teacher_run.end_evaluation(self, swapped_in=self.evaluate == "teacher")
 
     # ------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
-        ema = self._teacher_ema
-        if ema is not None:
-            counters = (ema.num_updates, ema.last_update_step)
-        elif self._restored_counters is not None:
-            counters = self._restored_counters
-        else:
-            counters = None
-        if counters is not None:
-            checkpoint[CHECKPOINT_KEY] = _teacher.saved_counters(counters, self._teacher_config)
-        if ema is not None:
-            _teacher.keep_student_weights(checkpoint, ema)
+        self._teacher_run.save(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -392,14 +334,14 @@ class MeanTeacherModule(pl.LightningModule):
         state = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(state, dict):
             return
-        details = _teacher.changed_settings(state, self._teacher_config)
+        details = _teacher.changed_settings(state, self._teacher_run.config)
         if details:
             rank_zero_warn(
                 f"Loading a teacher saved with a different configuration ({details}); it continues with the new"
                 " settings.",
                 category=UserWarning,
             )
-        self._restored_counters = (int(state["num_updates"]), int(state["last_update_step"]))
+        self._teacher_run.take_counters(state)
 
 
 class _MeanTeacherGuard(Callback):
@@ -433,7 +375,7 @@ class _MeanTeacherGuard(Callback):
             return
         if stage == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
             pl_module._check_hooks_ran(f"on_{stage}_start")
-        if pl_module.evaluate == "teacher" and not pl_module._teacher_swapped:
+        if pl_module.evaluate == "teacher" and not pl_module._teacher_run.swapped:
             raise RuntimeError(
                 f"{type(pl_module).__name__}: {stage} should run with the teacher's weights but they are not in the "
                 f"student. An override of `on_{stage}_model_eval` must call super()."
@@ -450,3 +392,10 @@ class _MeanTeacherGuard(Callback):
         """Give the student its own weights back before anything else looks at the module."""
         if isinstance(pl_module, MeanTeacherModule):
             pl_module._restore_student()
+
+
+def _attach_guard(trainer: pl.Trainer) -> None:
+    """Give ``trainer`` a :class:`_MeanTeacherGuard` unless it has one."""
+    if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
+        # Attached here rather than through `configure_callbacks`, which subclasses often override.
+        trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]
