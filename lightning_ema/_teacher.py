@@ -126,8 +126,6 @@ def check_hooks_ran(owner: str, *, swapped: bool, seen_step: int | None, global_
 
 def capture_modes(module: nn.Module) -> dict[str, bool]:
     """Return the training mode of every submodule of ``module`` by name."""
-    # Lightning restores each submodule's mode after evaluation unless `on_*_model_train` is overridden, as
-    # MeanTeacherModule does; so the modes are captured and restored there, the way Lightning does it.
     return {name: submodule.training for name, submodule in module.named_modules()}
 
 

@@ -7,7 +7,7 @@ adds the Lightning hooks and the rules that keep the teacher out of optimizers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -292,7 +292,11 @@ class MeanTeacherModule(pl.LightningModule):
         self._teacher_run.end_training()
 
     # ------------------------------------------------------------------ evaluation hooks
-    def _begin_evaluation(self) -> None:
+    def _begin_evaluation(self, set_eval_mode: Callable[[], None]) -> None:
+        # Lightning restores each submodule's mode after evaluation unless `on_*_model_train` is overridden, as
+        # it is here; so the modes are captured here and restored afterwards, the way Lightning does it.
+        self._teacher_run.captured_modes = _teacher.capture_modes(self)
+        set_eval_mode()
         ema = self._ensure_bound()
         ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
         if self.evaluate == "teacher":
@@ -301,9 +305,7 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_validation_model_eval(self) -> None:
         """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
-        self._teacher_run.captured_modes = _teacher.capture_modes(self)
-        super().on_validation_model_eval()
-        self._begin_evaluation()
+        self._begin_evaluation(super().on_validation_model_eval)
 
     @override
     def on_validation_model_train(self) -> None:
@@ -313,9 +315,7 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_test_model_eval(self) -> None:
         """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
-        self._teacher_run.captured_modes = _teacher.capture_modes(self)
-        super().on_test_model_eval()
-        self._begin_evaluation()
+        self._begin_evaluation(super().on_test_model_eval)
 
     @override
     def on_test_model_train(self) -> None:
