@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_ema import functional as F
-from lightning_ema._selection import AVERAGE, Selected
+from lightning_ema._selection import AVERAGE, KEEP, TRUNCATE, Selected
 
 __all__ = ["BLOCK_BYTES", "DEFERRED", "DEVICE", "HOST", "DeviceCheck", "Storage", "forced_path"]
 
@@ -135,6 +135,21 @@ def _blocks(live: list[Tensor], emas: list[list[Tensor]], block_bytes: int, wide
             close()
     close()
     return blocks
+
+
+@torch.no_grad()
+def _truncated_average_(emas: list[Tensor], weights: list[Tensor], weight: float, skip: Tensor | None) -> None:
+    """Average integer tensors in float32 as ``(1 - weight) * ema + weight * w`` and truncate toward zero.
+
+    The arithmetic of timm's ``ModelEma`` (float32 products of the integers, cast back by ``copy_``), so that an
+    integer EMA such as ``num_batches_tracked`` takes the same values; integer buffers are few and small. With the
+    on-device flag ``skip``, nothing is written when it is set.
+    """
+    for ema, w in zip(emas, weights, strict=True):
+        averaged = ema.to(torch.float32) * (1.0 - weight) + weight * w.to(torch.float32)
+        if skip is not None:
+            averaged = torch.where(skip.bool(), ema.to(torch.float32), averaged)
+        ema.copy_(averaged)
 
 
 @dataclass
@@ -338,32 +353,45 @@ class Storage:
             group.slots = [(row[0], row[1]) for row in group.sums.unbind()]
 
     # ------------------------------------------------------------------ update (all paths)
-    def copy_weights(self, skip: Tensor | None = None) -> None:
-        """Set every EMA to the current weights (unless the on-device flag ``skip`` is set)."""
+    def copy_weights(self, skip: Tensor | None = None, *, keep_kept: bool = False) -> None:
+        """Set every EMA to the current weights (unless the on-device flag ``skip`` is set).
+
+        ``keep_kept``: except the integer buffers kept by policy.
+        """
         for group in self.groups:
+            if keep_kept and group.kind == KEEP:
+                continue
             for ema in group.emas:
                 if skip is None:
                     F.copy_(ema, group.sources)
                 else:
                     F.gated_copy_(ema, group.sources, self._on(skip, ema))
 
-    def average(self, weights: Sequence[float], skip: Tensor | None = None) -> None:
+    def average(
+        self, weights: Sequence[float], buffer_weights: Sequence[float] | None = None, skip: Tensor | None = None
+    ) -> None:
         """Move EMA ``k`` towards the weights by ``weights[k]`` (``1 - decay``); copied tensors are copied.
 
+        ``buffer_weights`` replaces ``weights`` for buffers, if given. Integer buffers kept (``KEEP``) are left.
         ``skip``: a float32 0-d flag on the device (``"device"`` path); when it is ``1`` nothing is written.
         """
         for group in self.groups:
+            if group.kind == KEEP:
+                continue
+            group_weights = buffer_weights if group.buffer and buffer_weights is not None else weights
             sources = group.sources
             if group.kind != AVERAGE:
-                for ema in group.emas:
-                    if skip is None:
+                for ema, weight in zip(group.emas, group_weights, strict=True):
+                    if group.kind == TRUNCATE:
+                        _truncated_average_(ema, sources, weight, None if skip is None else self._on(skip, ema))
+                    elif skip is None:
                         F.copy_(ema, sources)
                     else:
                         F.gated_copy_(ema, sources, self._on(skip, ema))
                 continue
             parts = [(block.emas, block.weights(sources)) for block in group.blocks] or [(group.emas, sources)]
             for emas, block_weights in parts:
-                for ema, weight in zip(emas, weights, strict=True):
+                for ema, weight in zip(emas, group_weights, strict=True):
                     if skip is None:
                         F.lerp_(ema, block_weights, weight)
                     else:

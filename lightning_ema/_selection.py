@@ -15,11 +15,14 @@ from torch import Tensor, nn
 
 from lightning_ema import functional as F
 from lightning_ema import sharding as S
+from lightning_ema._state_validation import dtype_fits
 from lightning_ema.errors import EMAStateError
 
 __all__ = [
     "AVERAGE",
     "COPY",
+    "KEEP",
+    "TRUNCATE",
     "Selected",
     "align_names",
     "fingerprint",
@@ -31,6 +34,10 @@ __all__ = [
 
 #: How a selected tensor enters the EMA: averaged (floating point), or copied (integers, ``buffers="copy"``).
 AVERAGE, COPY = "average", "copy"
+#: Integer buffers under ``integer_buffers="average"`` (averaged in float32, truncated) or ``"keep"`` (copied
+#: only by the copies up to ``start_step``).
+TRUNCATE, KEEP = "truncate", "keep"
+_INTEGER_KINDS = {"copy": COPY, "average": TRUNCATE, "keep": KEEP}
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ def select(
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     buffers: str,
+    integer_buffers: str = "copy",
 ) -> list[Selected]:
     """Return the tensors of ``module`` that an EMA with these settings tracks, one entry per distinct tensor.
 
@@ -78,6 +86,8 @@ def select(
             continue
         else:
             kind = AVERAGE if floating and buffers == "average" else COPY
+            if not floating and buffers == "average":
+                kind = _INTEGER_KINDS[integer_buffers]
         if S.is_sharded(tensor):
             selected.append(
                 Selected(tuple(names), S.local_view(tensor), kind, key not in parameters, S.sharding_of(tensor))
@@ -144,7 +154,8 @@ def align_names(source: Mapping[str, Tensor], selected: list[Selected]) -> Mappi
     uncompiled one) are matched through their canonical form.
 
     Raises:
-        EMAStateError: naming every missing, unexpected or differently shaped tensor; nothing is changed.
+        EMAStateError: naming every missing, unexpected or differently shaped tensor, and every EMA whose dtype
+            cannot hold its weight; nothing is changed.
     """
     expected = {name: item.live.shape for item in selected for name in item.names}
     if set(source) != set(expected):
@@ -159,7 +170,14 @@ def align_names(source: Mapping[str, Tensor], selected: list[Selected]) -> Mappi
         for name, shape in expected.items()
         if name in source and source[name].shape != shape
     )
-    if missing or unexpected or mismatched:
+    # issue 13: an EMA whose dtype cannot hold its weight (an int64 EMA of a float weight) is refused, not cast
+    dtypes = {name: item.live.dtype for item in selected for name in item.names}
+    wrong_dtype = sorted(
+        f"{name}: EMA {source[name].dtype} vs model {dtype}"
+        for name, dtype in dtypes.items()
+        if name in source and not dtype_fits(source[name].dtype, dtype)
+    )
+    if missing or unexpected or mismatched or wrong_dtype:
         problems = []
         if missing:
             problems.append(f"missing from the EMA: {missing}")
@@ -167,5 +185,7 @@ def align_names(source: Mapping[str, Tensor], selected: list[Selected]) -> Mappi
             problems.append(f"not in the model: {unexpected}")
         if mismatched:
             problems.append(f"shape differs: {mismatched}")
+        if wrong_dtype:
+            problems.append(f"dtype cannot hold the weight: {wrong_dtype}")
         raise EMAStateError("The EMA state does not match the model, nothing was loaded; " + "; ".join(problems) + ".")
     return source

@@ -21,7 +21,11 @@ Sharded (FSDP2) runs: each rank holds the EMA of its shards only. ``"emas"`` the
 - a single-file checkpoint gets the full EMA tensors in ``"emas"``, gathered from every rank when saving.
 
 :func:`load_checkpoint` reads both; for a folder it loads only the ``state_dict`` tensors, in one process, and
-moves the EMA shards back into the callback states, so that everything below works the same.
+moves the EMA shards back into the callback states, so that everything below works the same. Nothing in a folder is
+unpickled beyond what ``weights_only`` allows: ``meta.pt`` goes through ``torch.load(weights_only=...)`` and the
+folder's ``.metadata`` through an unpickler that knows only torch's metadata classes (:mod:`lightning_ema._dcp`).
+
+Every EMA state a reader returns has passed :func:`~lightning_ema._state_validation.check_ema_state`.
 """
 
 from __future__ import annotations
@@ -31,32 +35,33 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from lightning_ema._checkpoint_folders import SHARD_PREFIX, load_distributed_checkpoint, load_sharded_ema, shard_key
+from lightning_ema._export import write_export
+from lightning_ema._files import load_file, refuse_same_file
+from lightning_ema._state_keys import config_changes, find_state_key, normalize_state_key
+from lightning_ema._state_validation import FORMAT, VERSION, check_ema_state, check_tensors
+from lightning_ema.errors import EMAStateError
+from lightning_ema.schedules import normalize_repr
 
 __all__ = [
     "FORMAT",
     "SHARD_PREFIX",
     "VERSION",
+    "checked_states",
     "config_changes",
     "decays_of",
     "ema_states",
     "emas_of",
     "export_ema",
+    "find_state_key",
     "load_checkpoint",
     "load_ema_state_dict",
+    "load_sharded_ema",
+    "normalize_state_key",
     "shard_key",
 ]
-
-FORMAT = "lightning-ema"
-VERSION = 2
-SHARD_PREFIX = "__ema__/"
-_METADATA_FILE = "meta.pt"  # what ModelParallelStrategy names the non-tensor part of a distributed checkpoint
-
-
-def shard_key(state_key: str, index: int, name: str) -> str:
-    """The ``checkpoint["state_dict"]`` key under which a sharded EMA tensor is saved in a distributed checkpoint."""
-    return f"{SHARD_PREFIX}{state_key}/{index}/{name}"
 
 
 def emas_of(state: Mapping[str, Any]) -> list[Mapping[str, Tensor]]:
@@ -75,104 +80,42 @@ def decays_of(state: Mapping[str, Any]) -> list[str]:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU.
+    """Load a checkpoint file, or a distributed checkpoint folder, onto the CPU.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file holds objects that ``weights_only=True`` refuses (with the way out).
+        ValueError: saying what the file is when it is not a readable checkpoint: empty, truncated or damaged, a
+            safetensors file, not a checkpoint at all, a folder without a distributed checkpoint's files, or a file
+            holding an object that ``weights_only=True`` refuses for safety (only then is ``weights_only=False``
+            suggested).
     """
     path = Path(path)
     if path.is_dir():
-        return _load_distributed_checkpoint(path, weights_only=weights_only)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as error:
-        if not weights_only:
-            raise
-        raise ValueError(
-            f"`torch.load({str(path)!r}, weights_only=True)` refused the checkpoint: {error}. "
-            "If you trust the file, pass weights_only=False."
-        ) from error
+        return load_distributed_checkpoint(path, weights_only=weights_only)
+    from lightning_ema.formats import allowed_globals
+
+    with allowed_globals():  # argparse.Namespace: timm's training checkpoints hold their `args` as one
+        checkpoint = load_file(path, weights_only=weights_only)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"A checkpoint must be a dict, got {type(checkpoint).__name__} from {str(path)!r}.")
-    return checkpoint
-
-
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """Describe the settings that differ between a saved configuration and the current one (``None``: same)."""
-    changed = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in current.items() if saved.get(key) != value]
-    return ", ".join(changed) or None
-
-
-def _load_distributed_checkpoint(path: Path, *, weights_only: bool) -> dict[str, Any]:
-    """Read a distributed checkpoint folder in one process: ``meta.pt`` plus the ``state_dict`` tensors."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict_loader import load
-
-    if not (path / _METADATA_FILE).is_file():
-        raise FileNotFoundError(f"{str(path)!r} is a folder without {_METADATA_FILE}: not a distributed checkpoint.")
-    checkpoint = dict(torch.load(path / _METADATA_FILE, map_location="cpu", weights_only=weights_only))
-    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    wanted = {
-        key.removeprefix("state_dict."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        for key, meta in stored.items()
-        if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
-    }
-    request = {"state_dict": wanted}
-    load(request, checkpoint_id=str(path), no_dist=True)
-    weights = request["state_dict"]
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if isinstance(state, Mapping) and state.get("format") == FORMAT and state.get("sharded"):
-            state = dict(state)
-            state["emas"] = [
-                {**ema, **{name: weights.pop(shard_key(key, index, name)) for name in state["sharded"]}}
-                for index, ema in enumerate(state["emas"])
-            ]
-            checkpoint["callbacks"][key] = state
-    checkpoint["state_dict"] = {key: value for key, value in weights.items() if not key.startswith(SHARD_PREFIX)}
-    return checkpoint
-
-
-def load_sharded_ema(path: str | os.PathLike[str], state_key: str, state: dict[str, Any], module: nn.Module) -> None:
-    """Fill ``state["emas"]`` with this rank's EMA shards from a distributed checkpoint folder (all ranks call it).
-
-    Raises:
-        EMAStateError: if the folder lacks a shard the state lists; nothing is changed then.
-    """
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import load
-
-    from lightning_ema.errors import EMAStateError
-    from lightning_ema.sharding import reshard_all
-
-    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    reshard_all(module)
-    live = module.state_dict(keep_vars=True)
-    keys = {
-        (index, name): shard_key(state_key, index, name)
-        for index in range(len(state["emas"]))
-        for name in state["sharded"]
-    }
-    missing = sorted(key for (_, name), key in keys.items() if f"state_dict.{key}" not in stored or name not in live)
-    if missing:
-        raise EMAStateError(
-            f"The distributed checkpoint {str(path)!r} lacks EMA shards or the model their names: {missing}."
+        raise ValueError(
+            f"{str(path)!r} is not a Lightning checkpoint: it holds a {type(checkpoint).__name__}, not a dict."
         )
-    placeholders = {
-        key: torch.empty_like(live[name], dtype=stored[f"state_dict.{key}"].properties.dtype)  # type: ignore[union-attr]
-        for (_, name), key in keys.items()
-    }
-    load({"state_dict": placeholders}, checkpoint_id=str(path))
-    for (index, name), key in keys.items():
-        state["emas"][index][name] = placeholders[key].to_local().clone()  # type: ignore[attr-defined]
+    return checkpoint
 
 
 def ema_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Return the states of every :class:`~lightning_ema.EMACallback` in ``checkpoint`` by state key."""
+    """Return the states of every :class:`~lightning_ema.EMACallback` in ``checkpoint`` by state key (unchecked).
+
+    Raises:
+        EMAStateError: if ``checkpoint["callbacks"]`` is not a dict.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise EMAStateError(f"A checkpoint must be a dict, got a {type(checkpoint).__name__}.")
     callbacks = checkpoint.get("callbacks") or {}
+    if not isinstance(callbacks, Mapping):
+        raise EMAStateError(
+            f"checkpoint['callbacks'] must be a dict of callback states by key, got a {type(callbacks).__name__}."
+        )
     return {
         str(key): dict(state)
         for key, state in callbacks.items()
@@ -180,21 +123,43 @@ def ema_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _select_state(states: dict[str, dict[str, Any]], state_key: str | None) -> dict[str, Any]:
+def _select_state(states: dict[str, dict[str, Any]], state_key: str | None) -> str:
     if not states:
         raise ValueError(
             "The checkpoint holds no EMA state: it was not written by a Trainer with an EMACallback, "
             "or it was saved with weights_only=True."
         )
     if state_key is not None:
-        if state_key not in states:
+        found = find_state_key(states, state_key) if isinstance(state_key, str) else None
+        if found is None:
             raise ValueError(f"`state_key` must be one of {sorted(states)!r}, got {state_key!r}.")
-        return states[state_key]
+        return found
     if len(states) > 1:
         raise ValueError(
             f"The checkpoint holds {len(states)} EMA states; choose one with `state_key`, one of {sorted(states)!r}."
         )
-    return next(iter(states.values()))
+    return next(iter(states))
+
+
+def checked_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return every EMA state of ``checkpoint`` by key, each checked against the checkpoint's raw weights.
+
+    Raises:
+        EMAStateError: naming the state, the EMA and the tensors, for the first state that is malformed.
+    """
+    raw = _raw_weights(checkpoint)
+    return {key: check_ema_state(state, state_key=key, weights=raw) for key, state in ema_states(checkpoint).items()}
+
+
+def _raw_weights(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    raw = checkpoint.get("state_dict")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise EMAStateError(f"checkpoint['state_dict'] must be a dict of tensors by name, got a {type(raw).__name__}.")
+    tensors = {name: value for name, value in raw.items() if isinstance(value, Tensor)}
+    check_tensors(tensors, where="The checkpoint's raw weights (checkpoint['state_dict'])", finite=False)
+    return dict(raw)
 
 
 def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapping[str, Tensor]:
@@ -202,12 +167,13 @@ def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapp
     if index is not None and decay is not None:
         raise ValueError(f"Pass `index` or `decay`, not both; got index={index!r} and decay={decay!r}.")
     if decay is not None:
-        from lightning_ema.schedules import DecaySchedule, as_schedule
+        from lightning_ema.schedules import as_schedule
 
-        wanted = repr(decay if isinstance(decay, DecaySchedule) else as_schedule(decay))
-        if wanted not in decays:
+        wanted = repr(as_schedule(decay))
+        normalized = [normalize_repr(saved) for saved in decays]
+        if wanted not in normalized:
             raise ValueError(f"`decay` must be one of the saved decays {decays}, got {decay!r}.")
-        return emas[decays.index(wanted)]
+        return emas[normalized.index(wanted)]
     if index is None:
         if len(emas) > 1:
             raise ValueError(f"The EMA state holds {len(emas)} EMAs ({decays}); choose one with `index` or `decay`.")
@@ -215,6 +181,14 @@ def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapp
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(emas):
         raise ValueError(f"`index` must be an integer in [0, {len(emas)}) for the EMAs {decays}, got {index!r}.")
     return emas[index]
+
+
+class _Loaded(dict[str, Any]):
+    """A checkpoint already loaded from ``path`` (NeMo's layout needs the path to find its second file)."""
+
+    def __init__(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+        super().__init__(checkpoint)
+        self.path = path
 
 
 def load_ema_state_dict(
@@ -225,6 +199,8 @@ def load_ema_state_dict(
     decay: Any = None,
     prefix: str | None = None,
     weights_only: bool = True,
+    format: str | None = None,
+    module: nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """Return a checkpoint's EMA weights, ready for ``model.load_state_dict``.
 
@@ -239,10 +215,21 @@ def load_ema_state_dict(
         prefix: keep only names that start with it, with the prefix removed (``"model."`` gives the
             state dict of ``LightningModule.model``).
         weights_only: passed to ``torch.load``; leave it ``True`` unless you trust the file.
+        format: the layout: ``None`` recognises it, ``"lightning-ema"`` (this package's) or one of
+            :data:`lightning_ema.formats.FOREIGN_FORMATS` forces one. Other libraries' layouts (Lightning
+            ``EMAWeightAveraging``, NeMo, timm, mmengine/mmdet/mmyolo/mmagic, mmcv, ema-pytorch, diffusers,
+            torch-ema) are read by :mod:`lightning_ema.formats`; ``state_key``, ``index`` and ``decay`` are
+            this package's only.
+        module: the model a positional layout (diffusers ``EMAModel``, torch-ema) was made from: its
+            ``named_parameters()`` name the saved list by position.
 
     Raises:
-        ValueError: if the checkpoint holds no EMA state, several without a ``state_key``, several EMAs
-            without an ``index`` or ``decay``, or nothing under ``prefix``.
+        ValueError: if the file is not a readable checkpoint (the message says what it is), if the checkpoint holds
+            no EMA state, several without a ``state_key``, several EMAs without an ``index`` or ``decay``, or nothing
+            under ``prefix``.
+        EMAStateError: if the EMA state is malformed: a missing or unknown layout version, missing entries,
+            tensors that are not plain dense tensors, NaN or infinity, or an EMA whose shape or dtype does not fit
+            its raw weight. The message names the state, the EMA and the tensors.
 
     Example::
 
@@ -253,13 +240,63 @@ def load_ema_state_dict(
         checkpoint: Mapping[str, Any] = path_or_checkpoint
     else:
         checkpoint = load_checkpoint(path_or_checkpoint, weights_only=weights_only)
-    state = _select_state(ema_states(checkpoint), state_key)
-    weights: dict[str, Tensor] = dict(checkpoint.get("state_dict") or {})
-    weights.update(_select_ema(state, index, decay))
+    path = path_or_checkpoint.path if isinstance(path_or_checkpoint, _Loaded) else None
+    if not isinstance(path_or_checkpoint, Mapping):
+        path = path_or_checkpoint
+    weights = _without_compile_wrappers(
+        _ema_weights(checkpoint, path, state_key, index, decay, format, module, weights_only)
+    )
     if prefix is not None:
         weights = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
         if not weights:
             raise ValueError(f"`prefix` must start some state_dict names, got {prefix!r}.")
+    return weights
+
+
+def _without_compile_wrappers(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the ``_orig_mod.`` / ``_forward_module.`` components ``torch.compile`` and Fabric put into names.
+
+    ``net._orig_mod.fc.weight`` becomes ``net.fc.weight``, what the uncompiled module's ``load_state_dict`` expects.
+    (A leading ``module.`` is kept: in a LightningModule's names it is the user's own attribute.)
+    """
+    result: dict[str, Tensor] = {}
+    for name, tensor in weights.items():
+        plain = ".".join(part for part in name.split(".") if part not in ("_orig_mod", "_forward_module"))
+        if plain in result:
+            return weights  # both forms are present: the names are the module's own, leave them
+        result[plain] = tensor
+    return result
+
+
+def _ema_weights(
+    checkpoint: Mapping[str, Any],
+    path: str | os.PathLike[str] | None,
+    state_key: str | None,
+    index: int | None,
+    decay: Any,
+    format: str | None,
+    module: nn.Module | None,
+    weights_only: bool,
+) -> dict[str, Tensor]:
+    """The EMA weights of a loaded checkpoint: this package's layout, or another library's (:mod:`.formats`)."""
+    states = ema_states(checkpoint)
+    if format not in (None, FORMAT) or (format is None and not states):
+        from lightning_ema.formats import read_foreign
+
+        if state_key is not None or index is not None or decay is not None:
+            raise ValueError(
+                "`state_key`, `index` and `decay` choose among lightning-ema's EMA states; this checkpoint holds "
+                f"another library's EMA (format={format!r}). Leave them unset."
+            )
+        foreign = read_foreign(checkpoint, format=format, path=path, module=module, weights_only=weights_only)
+        # issue 13: another library's EMA, normalised to {name: tensor}, is held to the same rules as ours
+        where = f"The {foreign.format} EMA" + (f" of {str(path)!r}" if path is not None else "")
+        return check_tensors(foreign.weights, where=where)
+    key = _select_state(states, state_key)
+    raw = _raw_weights(checkpoint)
+    state = check_ema_state(states[key], state_key=key, weights=raw)
+    weights: dict[str, Tensor] = dict(raw)
+    weights.update(_select_ema(state, index, decay))
     return weights
 
 
@@ -272,32 +309,50 @@ def export_ema(
     decay: Any = None,
     prefix: str | None = None,
     weights_only: bool = True,
+    format: str | None = None,
+    module: nn.Module | None = None,
+    to: str = "state_dict",
 ) -> dict[str, Tensor]:
     """Write a checkpoint's EMA weights as a plain state dict (``.safetensors`` by suffix, else ``torch.save``).
 
+    ``format`` and ``module`` are those of :func:`load_ema_state_dict`. ``to="timm"`` writes timm's checkpoint
+    layout (the EMA under ``state_dict_ema`` and ``state_dict``), ``to="diffusers"`` the ``EMAModel.state_dict()``
+    layout (``shadow_params`` in parameter order: ``module``'s parameters if given, else every tensor not named
+    like a buffer, see :func:`lightning_ema.formats.to_diffusers`); both with ``torch.save``.
+
+    The file is written next to ``output_path`` under a temporary name and renamed into place once complete, so a
+    failed write (a full disk) leaves whatever was at ``output_path`` as it was.
+
     Returns:
-        The state dict that was written.
+        The state dict of EMA weights that was written (before any timm/diffusers wrapping).
+
+    Raises:
+        ValueError: if ``output_path`` is the checkpoint itself (the same path, a symbolic or hard link to it, or a
+            file inside a checkpoint folder), a folder, or anything :func:`load_ema_state_dict` raises for.
+        OSError: if writing fails; ``output_path`` is left as it was.
     """
+    from lightning_ema._validate import check_choice
+
+    to = check_choice("to", to, ("state_dict", "timm", "diffusers"))
+    source, output = Path(checkpoint_path), Path(output_path)
+    refuse_same_file(source, output)
+    checkpoint = load_checkpoint(source, weights_only=weights_only)
     weights = load_ema_state_dict(
-        checkpoint_path, state_key=state_key, index=index, decay=decay, prefix=prefix, weights_only=weights_only
+        _Loaded(checkpoint, checkpoint_path),
+        state_key=state_key,
+        index=index,
+        decay=decay,
+        prefix=prefix,
+        weights_only=weights_only,
+        format=format,
+        module=module,
     )
-    output = Path(output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError as error:
-            raise ValueError(
-                f"Writing {str(output)!r} needs the safetensors package: pip install safetensors."
-            ) from error
-        # safetensors refuses tensors that share storage (tied weights): give each its own.
-        seen: set[int] = set()
-        contiguous = {}
-        for name, tensor in weights.items():
-            pointer = tensor.untyped_storage().data_ptr()
-            contiguous[name] = tensor.contiguous() if pointer not in seen else tensor.clone()
-            seen.add(pointer)
-        save_file(contiguous, str(output))
-    else:
-        torch.save(weights, output)
+    saved_step = checkpoint.get("global_step")
+    write_export(
+        output,
+        weights,
+        to=to,
+        step=saved_step if isinstance(saved_step, int) else None,
+        parameter_names=None if module is None else [name for name, _ in module.named_parameters()],
+    )
     return weights

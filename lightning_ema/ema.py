@@ -23,102 +23,31 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_ema import functional as F
 from lightning_ema import sharding as S
+from lightning_ema._config import (
+    BufferPolicy,
+    Decay,
+    DecayPer,
+    EMAConfig,
+    IntegerBufferPolicy,
+    NonFinitePolicy,
+    as_schedules,
+)
+from lightning_ema._distributed import any_rank, broadcast_from_rank_zero, rank, world_size
 from lightning_ema._groups import DEVICE, HOST, DeviceCheck, Storage
-from lightning_ema._policy import StepPolicy
 from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors, unmatched_patterns
-from lightning_ema._validate import check_choice, check_int, parse_device, parse_dtype, parse_patterns
+from lightning_ema._state_validation import check_engine_state
+from lightning_ema._validate import check_int
 from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
-from lightning_ema.schedules import DecaySchedule, as_schedule
+from lightning_ema.schedules import DecaySchedule
 
-__all__ = ["EMA", "BufferPolicy", "EMAConfig", "NonFinitePolicy", "as_schedules"]
-
-BufferPolicy = Literal["average", "copy", "ignore"]
-NonFinitePolicy = Literal["error", "skip", "ignore"]
-Decay = float | DecaySchedule | Sequence[float | DecaySchedule]
-
-
-def as_schedules(decay: Any, name: str = "decay") -> tuple[DecaySchedule, ...]:
-    """Return one schedule per EMA from a float, a schedule, or a non-empty list of distinct ones."""
-    if isinstance(decay, (list, tuple)):
-        if not decay:
-            raise ValueError(f"`{name}` must be a float, a schedule or a non-empty list of them, got {decay!r}.")
-        schedules = tuple(as_schedule(item, name) for item in decay)
-        if len({repr(schedule) for schedule in schedules}) != len(schedules):
-            raise ValueError(f"`{name}` must list distinct decays, got {decay!r}.")
-        return schedules
-    return (as_schedule(decay, name),)
-
-
-@dataclass(frozen=True)
-class EMAConfig:
-    """The validated settings of an EMA; :meth:`create` checks every argument and names the bad one."""
-
-    schedules: tuple[DecaySchedule, ...]
-    every_n_steps: int = 1
-    start_step: int = 0
-    device: torch.device | None = None
-    dtype: torch.dtype | None = None
-    buffers: str = "average"
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    nonfinite: str = "error"
-
-    @classmethod
-    def create(
-        cls,
-        decay: Decay = 0.9999,
-        *,
-        every_n_steps: int = 1,
-        start_step: int = 0,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        buffers: BufferPolicy = "average",
-        include: list[str] | str | None = None,
-        exclude: list[str] | str | None = None,
-        nonfinite: NonFinitePolicy = "error",
-        decay_name: str = "decay",
-    ) -> EMAConfig:
-        """Validate the arguments of :class:`EMA` (``decay_name``: how ``decay`` is called in messages).
-
-        Raises:
-            ValueError: naming the first invalid argument and its value.
-        """
-        return cls(
-            schedules=as_schedules(decay, decay_name),
-            every_n_steps=check_int("every_n_steps", every_n_steps, 1),
-            start_step=check_int("start_step", start_step, 0),
-            device=parse_device("device", device),
-            dtype=parse_dtype("dtype", dtype),
-            buffers=check_choice("buffers", buffers, ("average", "copy", "ignore")),
-            include=parse_patterns("include", include),
-            exclude=parse_patterns("exclude", exclude),
-            nonfinite=check_choice("nonfinite", nonfinite, ("error", "skip", "ignore")),
-        )
-
-    @property
-    def policy(self) -> StepPolicy:
-        """The step rule of these settings."""
-        return StepPolicy(self.schedules, self.every_n_steps, self.start_step)
-
-    def describe(self) -> dict[str, Any]:
-        """The settings as plain values (saved with checkpoints, compared on resume)."""
-        return {
-            "decays": [repr(schedule) for schedule in self.schedules],
-            "every_n_steps": self.every_n_steps,
-            "start_step": self.start_step,
-            "device": None if self.device is None else str(self.device),
-            "dtype": None if self.dtype is None else str(self.dtype),
-            "buffers": self.buffers,
-            "include": None if self.include is None else list(self.include),
-            "exclude": None if self.exclude is None else list(self.exclude),
-        }
+__all__ = ["EMA", "BufferPolicy", "DecayPer", "EMAConfig", "IntegerBufferPolicy", "NonFinitePolicy", "as_schedules"]
 
 
 class EMA:
@@ -145,6 +74,24 @@ class EMA:
             ``ema_exclude`` attribute (tensors that are averages already, such as a mean teacher's).
         nonfinite: an update meeting a NaN/inf weight raises :class:`~lightning_ema.NonFiniteUpdateError`
             (``"error"``), is skipped with a warning (``"skip"``), or is not checked (``"ignore"``).
+        phase: updates after ``start_step`` fall on the optimizer steps ``t`` with
+            ``(t - origin) % every_n_steps == phase % every_n_steps`` (``origin``: ``start_step`` with
+            ``count_from_start``, else 0). ``phase=1`` updates after steps 1, n + 1, 2n + 1, ... (mmcv's rule).
+        count_from_start: start the EMA's clock at ``start_step``: every step up to it copies the weights (not
+            only the due ones), update intervals count from it, and schedules see the steps since it, so the first
+            averaging update uses ``decay(1)`` (the rule of mmengine's ``begin_iter``, mmagic's ``start_iter`` and
+            timm's/diffusers' ``update_after_step``).
+        decay_per: ``"step"``: an update covering n optimizer steps applies the product of their n decays;
+            ``"update"``: each update applies the schedule's decay at its step once, whatever it covers (the rule
+            of mmcv, mmengine, mmdet and mmagic, whose ``interval`` lengthens the EMA's time constant).
+        buffer_decay: another decay (float or schedule) for the averaged buffers, e.g. BatchNorm statistics;
+            ``None`` uses ``decay``. Only with ``buffers="average"``.
+        integer_buffers: with ``buffers="average"``, integer buffers such as ``num_batches_tracked`` are
+            ``"copy"``-ed at each update, ``"average"``-d like the others (computed in float32 as
+            ``decay * ema + (1 - decay) * w`` and truncated toward zero, as timm's ``ModelEma`` and mmagic do),
+            or ``"keep"``-ed: copied only while the EMA copies the weights (up to ``start_step``), left alone by
+            averaging updates (mmengine's ``update_buffers=True``).
+        stop_step: no update after this optimizer step (the EMA keeps its value); ``None``: never stop.
         target: keep the EMA in this module's tensors of the same names instead of allocating it (a teacher
             that is the EMA of ``module``); its current values are the EMA's start. One decay, no ``device``
             or ``dtype``.
@@ -175,6 +122,12 @@ class EMA:
         include: list[str] | str | None = None,
         exclude: list[str] | str | None = None,
         nonfinite: NonFinitePolicy = "error",
+        phase: int = 0,
+        count_from_start: bool = False,
+        decay_per: DecayPer = "step",
+        buffer_decay: float | DecaySchedule | None = None,
+        integer_buffers: IntegerBufferPolicy = "copy",
+        stop_step: int | None = None,
         target: nn.Module | None = None,
     ) -> None:
         config = EMAConfig.create(
@@ -187,6 +140,12 @@ class EMA:
             include=include,
             exclude=exclude,
             nonfinite=nonfinite,
+            phase=phase,
+            count_from_start=count_from_start,
+            decay_per=decay_per,
+            buffer_decay=buffer_decay,
+            integer_buffers=integer_buffers,
+            stop_step=stop_step,
         )
         self._setup(module, config, step=0, target=target)
 
@@ -245,7 +204,13 @@ class EMA:
         module = self._module
         S.reshard_all(module)  # an unsharded FSDP2 root would show full tensors instead of its DTensors
         config = self.config
-        selected = select(module, include=config.include, exclude=config.exclude, buffers=config.buffers)
+        selected = select(
+            module,
+            include=config.include,
+            exclude=config.exclude,
+            buffers=config.buffers,
+            integer_buffers=config.integer_buffers,
+        )
         if not selected:
             raise EMAStateError(
                 "No tensors of the module are selected for the EMA. Check `include`, `exclude` and `buffers`; "
@@ -313,7 +278,9 @@ class EMA:
 
     def count_steps_from(self, step: int) -> None:
         """Keep the EMA but count optimizer steps from ``step`` on (a state saved under another step numbering)."""
-        self.last_update_step = self._step = check_int("step", step, 0)
+        step = check_int("step", step, 0)
+        self._settle()  # the counters of an update still in flight would be rolled back over the new ones
+        self.last_update_step = self._step = step
 
     # ------------------------------------------------------------------ binding checks
     def refresh(self) -> list[str]:
@@ -393,7 +360,9 @@ class EMA:
             raise RuntimeError("Cannot update the EMA while EMA weights are swapped into the module.")
         self._settle()  # this update's decay depends on whether the previous one was applied
         storage = self._storage
-        weights = None if policy.copies(step) else policy.weights(self.last_update_step, step)
+        last = self.last_update_step
+        weights = None if policy.copies(step) else policy.weights(last, step)
+        buffer_weights = None if weights is None else policy.buffer_weights(last, step)
         checked = self.config.nonfinite != "ignore"
         pending: _Pending | None = None
         if storage.path == HOST:
@@ -401,40 +370,40 @@ class EMA:
             storage.wait_staged()
             if checked and not self._all_finite(step):
                 return None
-            self._apply(weights)
+            self._apply(weights, buffer_weights)
         elif storage.path == DEVICE:
             with storage.issuing():
                 storage.stage()
                 check = self._device_check() if checked else None
-                self._apply(weights, None if check is None else check.found)
+                self._apply(weights, buffer_weights, None if check is None else check.found)
                 if check is not None:
                     check.start_readback()
                     pending = _Pending(step, self._counters(), check=check)
         else:  # DEFERRED: applied on the host when the EMA is next needed
             storage.stage()
-            pending = _Pending(step, self._counters(), weights=weights, deferred=True)
+            pending = _Pending(step, self._counters(), weights=weights, buffer_weights=buffer_weights, deferred=True)
         self._pending = pending
         self.num_updates += 1
         self.last_update_step = step
         self.last_decays = (0.0,) * self.num_emas if weights is None else policy.decays_at(step)
         return self.last_decays[0]
 
-    def _apply(self, weights: list[float] | None, skip: Tensor | None = None) -> None:
+    def _apply(
+        self, weights: list[float] | None, buffer_weights: list[float] | None = None, skip: Tensor | None = None
+    ) -> None:
         if weights is None:
             self._storage.copy_weights(skip)
         else:
-            self._storage.average(weights, skip)
+            self._storage.average(weights, buffer_weights, skip)
 
     def _counters(self) -> tuple[int, int, tuple[float, ...]]:
         return self.num_updates, self.last_update_step, self.last_decays
 
     def _all_finite(self, step: int) -> bool:
         found, bad = self._storage.nonfinite()
-        if self._distributed_shards():
+        if self._sharding:
             # Each rank sees only its shards: agree on one decision, or the ranks' EMAs would drift apart.
-            anywhere = torch.tensor([int(found)], dtype=torch.int32, device=self._storage.first_device())
-            torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
-            found = bool(anywhere.item())
+            found = any_rank(found, self._storage.first_device())
         if not found:
             return True
         self._refuse(step, bad)
@@ -476,7 +445,7 @@ class EMA:
             if pending.deferred:
                 self._storage.wait_staged()
                 if self.config.nonfinite == "ignore" or self._all_finite_or_roll_back(pending):
-                    self._apply(pending.weights)
+                    self._apply(pending.weights, pending.buffer_weights)
             elif pending.check is not None:
                 found, bad = pending.check.bad()
                 if found:
@@ -557,6 +526,23 @@ class EMA:
         finally:
             self.swap_out()
 
+    def copy_from_module(self) -> None:
+        """Set every EMA to the module's current weights, except integer buffers kept by ``integer_buffers="keep"``.
+
+        The counters are left as they are. Used to start a teacher from a student whose weights changed after the
+        teacher was made (mmdet's ``MeanTeacherHook`` does this when training starts at iteration 0, leaving the
+        teacher's integer buffers alone).
+
+        Raises:
+            RuntimeError: if the EMA is swapped into the module.
+        """
+        if self.is_swapped:
+            raise RuntimeError("Cannot copy the module's weights into the EMA while it is swapped in.")
+        self._settle()  # an update still in flight must not land after the copy
+        self._storage.stage()
+        self._storage.wait_staged()
+        self._storage.copy_weights(keep_kept=True)
+
     def copy_to(self, module: nn.Module | None = None, index: int = 0) -> None:
         """Copy EMA ``index`` into ``module`` (default: the averaged module, whose raw weights are then lost).
 
@@ -613,7 +599,7 @@ class EMA:
         }
         if self._sharding:
             # Local shards: only the rank that holds them may load them back (see `load_state_dict`).
-            state["shard"] = {"rank": _rank(), "world_size": _world_size()}
+            state["shard"] = {"rank": rank(), "world_size": world_size()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -629,7 +615,7 @@ class EMA:
         if self.is_swapped:
             raise RuntimeError("Cannot load an EMA state while EMA weights are swapped in.")
         shard = state.get("shard") if isinstance(state, Mapping) else None
-        here = {"rank": _rank(), "world_size": _world_size()}
+        here = {"rank": rank(), "world_size": world_size()}
         if shard is not None and shard != here:
             raise EMAStateError(
                 f"The EMA state holds the local shards of rank {shard.get('rank')!r} of {shard.get('world_size')!r}, "
@@ -652,18 +638,8 @@ class EMA:
         rank 0's buffers are the model's, and its buffer EMA is the one every rank should evaluate with. Call it
         on every rank (it is a collective) where the EMA is about to be read; it does nothing in one process.
         """
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not distributed or torch.distributed.get_world_size() < 2:
-            return
         self._settle()
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for tensor in self._storage.buffer_emas():
-            by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-        for group in by_kind.values():
-            flat = torch.cat([tensor.reshape(-1) for tensor in group])
-            torch.distributed.broadcast(flat, src=0)
-            chunks = torch.split(flat, [tensor.numel() for tensor in group])
-            torch._foreach_copy_(group, [chunk.view_as(tensor) for chunk, tensor in zip(chunks, group, strict=True)])
+        broadcast_from_rank_zero(self._storage.buffer_emas())
 
 
 @dataclass
@@ -674,6 +650,7 @@ class _Pending:
     counters: tuple[int, int, tuple[float, ...]]  # num_updates, last_update_step, last_decays before it
     check: DeviceCheck | None = None
     weights: list[float] | None = None
+    buffer_weights: list[float] | None = None
     deferred: bool = False
 
 
@@ -681,36 +658,6 @@ def _checked_state(
     state: Mapping[str, Any], num_emas: int, schedules: Sequence[DecaySchedule]
 ) -> tuple[list[Mapping[str, Tensor]], tuple[int, int, int]]:
     """Return the EMA mappings and (num_updates, last_update_step, step) of a saved state, or raise."""
-    if not isinstance(state, Mapping):
-        raise EMAStateError(f"An EMA state must be a mapping, got {type(state).__name__}.")
-    emas = state.get("emas", [state["ema"]] if "ema" in state else None)
-    missing = [key for key in ("num_updates", "last_update_step") if key not in state]
-    if emas is None:
-        missing.append("emas")
-    if missing or not isinstance(emas, Sequence) or not all(isinstance(ema, Mapping) for ema in emas):
-        raise EMAStateError(f"The EMA state lacks {missing or ['emas']}; got keys {sorted(map(str, state))!r}.")
-    for key in ("num_updates", "last_update_step", "step"):
-        value = state.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise EMAStateError(f"The EMA state's `{key}` must be an integer >= 0, got {value!r}.")
-    if len(emas) != num_emas:
-        raise EMAStateError(
-            f"The EMA state holds {len(emas)} EMAs but {num_emas} decays are configured "
-            f"({[repr(schedule) for schedule in schedules]}); nothing was loaded."
-        )
-    not_tensors = sorted({str(name) for ema in emas for name, value in ema.items() if not isinstance(value, Tensor)})
-    if not_tensors:
-        raise EMAStateError(f"The EMA state's values must be tensors; these are not: {not_tensors}.")
-    last = int(state["last_update_step"])
-    step = int(state.get("step", last))
-    return list(emas), (int(state["num_updates"]), last, max(step, last))
-
-
-def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
-
-
-def _world_size() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
+    # --- issue 13: one validation of every EMA state (structure, names, dense finite tensors; _state_validation) ---
+    checked = check_engine_state(state, num_emas=num_emas, labels=[repr(schedule) for schedule in schedules])
+    return checked["emas"], (checked["num_updates"], checked["last_update_step"], checked["step"])

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 from torch import nn
 
-__all__ = ["EvaluationPass", "MultiPassEvaluation"]
+__all__ = ["EvaluationPass", "EvaluationSwitch", "MultiPassEvaluation"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,37 @@ class MultiPassEvaluation:
             yield
         finally:
             module.__dict__.pop("log", None)
+
+
+class EvaluationSwitch:
+    """Puts the weights an evaluation run uses into the module at its start and takes them out at its end.
+
+    ``"ema"`` with one EMA swaps it in for the whole run; ``"both"`` or several EMAs run each batch once per
+    weight set (:class:`MultiPassEvaluation`); ``"raw"`` changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self._multi_pass: MultiPassEvaluation | None = None
+        self._swapped: Any = None  # the EMA swapped in for the whole run
+
+    def begin(self, ema: Any, module: nn.Module, evaluate: str, suffixes: list[str], step_name: str | None) -> None:
+        """Enter the run's weights (``step_name``: the step method to run per weight set, ``None`` for predict)."""
+        several_passes = evaluate == "both" or (evaluate == "ema" and len(suffixes) > 1)
+        if several_passes and step_name is not None:
+            passes = [EvaluationPass("", nullcontext)] if evaluate == "both" else []
+            for index, suffix in enumerate(suffixes):
+                passes.append(EvaluationPass(suffix, partial(ema.swapped, index)))
+            self._multi_pass = MultiPassEvaluation(module, step_name, passes)
+            self._multi_pass.install()
+        elif evaluate != "raw" and self._swapped is None:
+            ema.swap_in()
+            self._swapped = ema
+
+    def end(self, *, force: bool = False) -> None:
+        """Restore the module's own step method and raw weights (``force``: whatever the swap depth)."""
+        if self._multi_pass is not None:
+            self._multi_pass.uninstall()
+            self._multi_pass = None
+        swapped, self._swapped = self._swapped, None
+        if swapped is not None:
+            swapped.swap_out(force=force)

@@ -7,8 +7,7 @@ adds the Lightning hooks and the rules that keep the teacher out of optimizers.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -18,9 +17,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import Self, override
 
-from lightning_ema._validate import check_choice
-from lightning_ema.checkpoint import config_changes
-from lightning_ema.ema import EMA, BufferPolicy, EMAConfig, NonFinitePolicy
+from lightning_ema import _teacher
+from lightning_ema._teacher import CHECKPOINT_KEY
+from lightning_ema._validate import check_bool, check_choice
+from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
 from lightning_ema.schedules import (
     ConstantDecay,
     CosineDecay,
@@ -28,6 +28,7 @@ from lightning_ema.schedules import (
     ExponentialRampDecay,
     HalfLifeDecay,
     KarrasDecay,
+    MomentumWarmupDecay,
     PowerDecay,
     WarmupDecay,
     as_schedule,
@@ -35,14 +36,20 @@ from lightning_ema.schedules import (
 
 __all__ = ["MeanTeacherModule"]
 
-#: The checkpoint key under which the teacher's counters and configuration are saved.
-CHECKPOINT_KEY = "mean_teacher"
-
 # A subclass's `save_hyperparameters()` puts a `teacher_decay` schedule into every checkpoint, and Lightning
 # loads checkpoints with torch's default `weights_only=True`: allow the built-in schedules, which hold plain
 # numbers only, so that resume and `load_from_checkpoint` work without `weights_only=False`.
 torch.serialization.add_safe_globals(
-    [ConstantDecay, CosineDecay, ExponentialRampDecay, HalfLifeDecay, KarrasDecay, PowerDecay, WarmupDecay]
+    [
+        ConstantDecay,
+        CosineDecay,
+        ExponentialRampDecay,
+        HalfLifeDecay,
+        KarrasDecay,
+        MomentumWarmupDecay,
+        PowerDecay,
+        WarmupDecay,
+    ]
 )
 
 
@@ -101,6 +108,12 @@ class MeanTeacherModule(pl.LightningModule):
         nonfinite: an update meeting a NaN or infinite student weight raises
             :class:`~lightning_ema.NonFiniteUpdateError` (``"error"``), is skipped with a warning (``"skip"``),
             or is not checked (``"ignore"``).
+        phase, count_from_start, decay_per, buffer_decay, integer_buffers: how updates are counted and applied,
+            as for :class:`~lightning_ema.EMA` (defaults: lightning-ema's own rule);
+            :func:`lightning_ema.compat.mean_teacher_hook_args` sets them to reproduce mmdet's ``MeanTeacherHook``.
+        copy_student_at_start: when ``fit`` starts at optimizer step 0, first copy the student's tracked tensors
+            into the teacher, so that student weights loaded after construction (a pretrained backbone) reach it
+            (mmdet's ``MeanTeacherHook`` does this at iteration 0).
 
     Raises:
         ValueError: if an argument is invalid; the message names the argument and its value.
@@ -139,21 +152,30 @@ class MeanTeacherModule(pl.LightningModule):
         teacher_mode: str = "eval",
         evaluate: str = "teacher",
         nonfinite: NonFinitePolicy = "error",
+        phase: int = 0,
+        count_from_start: bool = False,
+        decay_per: DecayPer = "step",
+        buffer_decay: float | DecaySchedule | None = None,
+        integer_buffers: IntegerBufferPolicy = "copy",
+        copy_student_at_start: bool = False,
     ) -> None:
         super().__init__()
-        self._teacher_config = EMAConfig.create(
+        config = EMAConfig.create(
             as_schedule(teacher_decay, "teacher_decay"),
             every_n_steps=every_n_steps,
             start_step=start_step,
             buffers=buffers,
             nonfinite=nonfinite,
+            phase=phase,
+            count_from_start=count_from_start,
+            decay_per=decay_per,
+            buffer_decay=buffer_decay,
+            integer_buffers=integer_buffers,
         )
-        self._teacher_ema: EMA | None = None
+        self.copy_student_at_start = check_bool("copy_student_at_start", copy_student_at_start)
         self.teacher_mode = check_choice("teacher_mode", teacher_mode, ("eval", "train"))
         self.evaluate = check_choice("evaluate", evaluate, ("teacher", "student"))
-        self._restored_counters: tuple[int, int] | None = None
-        self._seen_step: int | None = None
-        self._captured_modes: dict[str, bool] | None = None
+        self._teacher_run = _teacher.TeacherRun(config)
 
     # ------------------------------------------------------------------ the teacher
     @override
@@ -162,13 +184,12 @@ class MeanTeacherModule(pl.LightningModule):
             raise AttributeError(
                 "`teacher` is created from `student`: assign `self.student = ...` and the teacher follows."
             )
-        if name == "student" and isinstance(value, nn.Module) and "_teacher_config" in self.__dict__:
-            ema = self._teacher_ema
-            if ema is not None and ema.is_swapped:
+        if name == "student" and isinstance(value, nn.Module) and "_teacher_run" in self.__dict__:
+            if self._teacher_run.swapped:
                 raise RuntimeError("Cannot replace the student while the teacher's weights are swapped into it.")
             super().__setattr__(name, value)
-            self._teacher_ema = None
-            super().__setattr__("teacher", _frozen_copy(value, self._teacher_training(self.training)))
+            self._teacher_run.ema = None
+            super().__setattr__("teacher", _teacher.frozen_copy(value, self._teacher_training(self.training)))
             return
         super().__setattr__(name, value)
 
@@ -187,14 +208,17 @@ class MeanTeacherModule(pl.LightningModule):
     @property
     def teacher_schedule(self) -> DecaySchedule:
         """The teacher's decay schedule (a float ``teacher_decay`` becomes a ``ConstantDecay``)."""
-        return self._teacher_config.schedules[0]
+        return self._teacher_run.config.schedules[0]
 
     @property
     def num_teacher_updates(self) -> int:
         """How many times the teacher was updated (copies during ``start_step`` included), checkpoints included."""
-        if self._restored_counters is not None:
-            return self._restored_counters[0]
-        return 0 if self._teacher_ema is None else self._teacher_ema.num_updates
+        return self._teacher_run.num_updates
+
+    @property
+    def ema_evaluates_own_average(self) -> bool:
+        """Whether validation and test run with the teacher (an average already; an EMACallback must not swap)."""
+        return self.evaluate == "teacher"
 
     @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -206,11 +230,7 @@ class MeanTeacherModule(pl.LightningModule):
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
         """Yield the parameters of everything but the teacher, so that optimizers built from them leave it out."""
-        teacher = self._modules.get("teacher")
-        skip = set() if teacher is None else {id(p) for p in teacher.parameters()}
-        for name, parameter in super().named_parameters(prefix, recurse, remove_duplicate):
-            if id(parameter) not in skip:
-                yield name, parameter
+        yield from _teacher.without_teacher(super().named_parameters(prefix, recurse, remove_duplicate), self._modules)
 
     @override
     def train(self, mode: bool = True) -> Self:
@@ -225,75 +245,17 @@ class MeanTeacherModule(pl.LightningModule):
     def _ensure_bound(self) -> EMA:
         """Create the teacher's EMA (the teacher is its storage), or re-pair it after a device move or load."""
         teacher = self._require_teacher()
-        trainer = self.trainer
-        ema = self._teacher_ema
-        if ema is None or ema.module is not self.student:
-            ema = self._teacher_ema = EMA.from_config(
-                self.student, self._teacher_config, step=trainer.global_step, target=teacher
-            )
-        else:
-            ema.refresh()
-        if self._restored_counters is not None:
-            ema.num_updates, ema.last_update_step = self._restored_counters
-            ema.count_steps_from(ema.last_update_step)
-            self._restored_counters = None
-        if ema.step > trainer.global_step:
-            # Counters from another run's step numbering (load_from_checkpoint, then a new Trainer): the teacher
-            # is kept and its steps are counted from this Trainer's step on.
-            ema.count_steps_from(trainer.global_step)
-        if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
-            # Attached here rather than through `configure_callbacks`, which subclasses often override.
-            trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]
+        ema = self._teacher_run.bind(self.student, teacher, self.trainer.global_step)
+        _attach_guard(self.trainer)
         return ema
-
-    def _check_optimizers(self) -> None:
-        teacher = self._require_teacher()
-        names = {id(p): name for name, p in teacher.named_parameters()}
-        for index, optimizer in enumerate(self.trainer.optimizers):
-            held = sorted(names[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in names)
-            if held:
-                raise RuntimeError(
-                    f"Optimizer {index} ({type(optimizer).__name__}) holds teacher parameters "
-                    f"{['teacher.' + name for name in held[:5]]}{' ...' if len(held) > 5 else ''}. The teacher is "
-                    "the EMA of the student and must not be optimised: pass `self.student.parameters()` or "
-                    "`self.parameters()` (which leaves the teacher out) to the optimizer."
-                )
 
     def _check_hooks_ran(self, where: str) -> None:
         """Raise if a teacher update was missed or a swap was left in place (a hook overridden without super)."""
-        if self._teacher_swapped and where in ("on_train_batch_start", "on_train_end"):
-            raise RuntimeError(
-                f"{type(self).__name__}: the teacher's weights are still in the student at {where}. An override of "
-                "`on_validation_model_train` or `on_test_model_train` must call super()."
-            )
-        if self._seen_step is None:
-            if where == "on_train_batch_start":
-                raise RuntimeError(
-                    f"{type(self).__name__}: training started without the teacher being set up. An override of "
-                    "`on_train_start` must call super().on_train_start()."
-                )
-            return
-        if self.trainer.global_step > self._seen_step:
-            raise RuntimeError(
-                f"{type(self).__name__}: optimizer step {self.trainer.global_step} happened but the teacher was not "
-                f"updated (noticed at {where}). An override of `on_train_batch_end` must call "
-                "super().on_train_batch_end(outputs, batch, batch_idx)."
-            )
-
-    @property
-    def _teacher_swapped(self) -> bool:
-        return self._teacher_ema is not None and self._teacher_ema.is_swapped
-
-    @property
-    def ema_evaluates_own_average(self) -> bool:
-        """Whether validation and test run with the teacher (an average already; an EMACallback must not swap)."""
-        return self.evaluate == "teacher"
+        self._teacher_run.check_hooks_ran(type(self).__name__, self.trainer.global_step, where)
 
     def _restore_student(self) -> None:
         """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
-        if self._teacher_ema is not None:
-            self._teacher_ema.swap_out(force=True)
-        self._captured_modes = None
+        self._teacher_run.restore_student()
         teacher = self._modules.get("teacher")
         if teacher is not None:
             teacher.train(self._teacher_training(self.training))
@@ -310,112 +272,61 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_train_start(self) -> None:
         """Bind the teacher's EMA, check that no optimizer holds the teacher and put the teacher in its mode."""
-        self._ensure_bound()
-        self._check_optimizers()
+        ema = self._ensure_bound()
+        if self.copy_student_at_start and self.trainer.global_step == 0:
+            ema.copy_from_module()
+        _teacher.check_optimizers(self._require_teacher(), self.trainer.optimizers)
         self._require_teacher().train(self._teacher_training(self.training))
-        self._seen_step = self.trainer.global_step
+        self._teacher_run.seen_step = self.trainer.global_step
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the teacher if an optimizer step due for an update happened in this batch; log the decay."""
-        ema = self._teacher_ema
-        if ema is None or ema.module is not self.student:
-            raise RuntimeError(
-                f"{type(self).__name__}: the teacher was not set up when training started. An override of "
-                "`on_train_start` must call super().on_train_start()."
-            )
-        step = self.trainer.global_step
-        decay = ema.update(step)
-        self._seen_step = step
+        decay = self._teacher_run.update(self.student, self.trainer.global_step, type(self).__name__)
         if decay is not None:
             self.log("teacher/decay", decay, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_train_end(self) -> None:
         """Give every rank rank 0's teacher buffers; forget this run's step bookkeeping (the counters stay)."""
-        if self._teacher_ema is not None:
-            self._teacher_ema.take_rank_zero_buffers()
-        self._seen_step = None
+        self._teacher_run.end_training()
 
     # ------------------------------------------------------------------ evaluation hooks
-    def _capture_modes(self) -> None:
+    def _begin_evaluation(self, set_eval_mode: Callable[[], None]) -> None:
         # Lightning restores each submodule's mode after evaluation unless `on_*_model_train` is overridden, as
-        # it is here; so the modes are captured and restored here, the way Lightning does it.
-        self._captured_modes = {name: module.training for name, module in self.named_modules()}
-
-    def _begin_evaluation(self) -> None:
+        # it is here; so the modes are captured here and restored afterwards, the way Lightning does it.
+        self._teacher_run.captured_modes = _teacher.capture_modes(self)
+        set_eval_mode()
         ema = self._ensure_bound()
         ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
         if self.evaluate == "teacher":
             ema.swap_in()
 
-    def _end_evaluation(self) -> None:
-        if self.evaluate == "teacher" and self._teacher_ema is not None:
-            self._teacher_ema.swap_out()
-        modes, self._captured_modes = self._captured_modes, None
-        if modes is None:
-            self.train()
-            return
-        for name, module in self.named_modules():
-            if name in modes:
-                module.training = modes[name]
-
     @override
     def on_validation_model_eval(self) -> None:
         """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
-        self._capture_modes()
-        super().on_validation_model_eval()
-        self._begin_evaluation()
+        self._begin_evaluation(super().on_validation_model_eval)
 
     @override
     def on_validation_model_train(self) -> None:
         """Give the student its own weights back and restore each submodule's mode."""
-        self._end_evaluation()
+        self._teacher_run.end_evaluation(self, swapped_in=self.evaluate == "teacher")
 
     @override
     def on_test_model_eval(self) -> None:
         """Put the module in eval mode and, with ``evaluate="teacher"``, the teacher's weights into the student."""
-        self._capture_modes()
-        super().on_test_model_eval()
-        self._begin_evaluation()
+        self._begin_evaluation(super().on_test_model_eval)
 
     @override
     def on_test_model_train(self) -> None:
         """Give the student its own weights back and restore each submodule's mode."""
-        self._end_evaluation()
+        self._teacher_run.end_evaluation(self, swapped_in=self.evaluate == "teacher")
 
     # ------------------------------------------------------------------ checkpoints
-    def _config(self) -> dict[str, Any]:
-        config = self._teacher_config
-        return {
-            "teacher_decay": repr(config.schedules[0]),
-            "every_n_steps": config.every_n_steps,
-            "start_step": config.start_step,
-            "buffers": config.buffers,
-        }
-
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
-        ema = self._teacher_ema
-        if ema is not None:
-            counters = (ema.num_updates, ema.last_update_step)
-        elif self._restored_counters is not None:
-            counters = self._restored_counters
-        else:
-            counters = None
-        if counters is not None:
-            checkpoint[CHECKPOINT_KEY] = {
-                "num_updates": counters[0],
-                "last_update_step": counters[1],
-                "config": self._config(),
-            }
-        state_dict = checkpoint.get("state_dict")
-        if ema is not None and ema.is_swapped and state_dict is not None:
-            for name, raw in ema.raw_state_dict().items():
-                key = f"student.{name}"
-                if key in state_dict:
-                    state_dict[key] = raw
+        self._teacher_run.save(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -423,14 +334,14 @@ class MeanTeacherModule(pl.LightningModule):
         state = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(state, dict):
             return
-        details = config_changes(state.get("config", {}), self._config())
+        details = _teacher.changed_settings(state, self._teacher_run.config)
         if details:
             rank_zero_warn(
                 f"Loading a teacher saved with a different configuration ({details}); it continues with the new"
                 " settings.",
                 category=UserWarning,
             )
-        self._restored_counters = (int(state["num_updates"]), int(state["last_update_step"]))
+        self._teacher_run.take_counters(state)
 
 
 class _MeanTeacherGuard(Callback):
@@ -464,7 +375,7 @@ class _MeanTeacherGuard(Callback):
             return
         if stage == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
             pl_module._check_hooks_ran(f"on_{stage}_start")
-        if pl_module.evaluate == "teacher" and not pl_module._teacher_swapped:
+        if pl_module.evaluate == "teacher" and not pl_module._teacher_run.swapped:
             raise RuntimeError(
                 f"{type(pl_module).__name__}: {stage} should run with the teacher's weights but they are not in the "
                 f"student. An override of `on_{stage}_model_eval` must call super()."
@@ -483,11 +394,8 @@ class _MeanTeacherGuard(Callback):
             pl_module._restore_student()
 
 
-def _frozen_copy(student: nn.Module, training: bool) -> nn.Module:
-    """Return a deep copy of ``student`` without gradients, in the given mode."""
-    teacher = copy.deepcopy(student)
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-        parameter.grad = None
-    teacher.train(training)
-    return teacher
+def _attach_guard(trainer: pl.Trainer) -> None:
+    """Give ``trainer`` a :class:`_MeanTeacherGuard` unless it has one."""
+    if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
+        # Attached here rather than through `configure_callbacks`, which subclasses often override.
+        trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]

@@ -162,6 +162,11 @@ def main() -> None:
         },
         out / f"rank{fabric.global_rank}.pt",
     )
+    # Fabric leaves the gloo process group up; torn down at interpreter exit, its threads can abort the process
+    # ("terminate called without an active exception") after all the work is done.
+    fabric.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

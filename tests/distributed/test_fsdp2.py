@@ -7,6 +7,8 @@ after each step, sliced as FSDP2 shards dim 0 (``torch.chunk`` over the ranks, e
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from support import constant_decay, reference_ema
 
 from lightning_ema import load_ema_state_dict
+from lightning_ema.__main__ import main
 from lightning_ema.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
@@ -108,3 +111,28 @@ def test_resume_equals_the_uninterrupted_run(tmp_path: Path, uninterrupted: list
     assert not any(key.startswith("__ema__") for key in raw)
     for name, tensor in first[0]["raw"].items():
         assert torch.equal(raw[name], tensor), name
+    if layout == "distributed":
+        assert_real_folder_is_read_safely(last, tmp_path)
+
+
+def assert_real_folder_is_read_safely(folder: Path, tmp_path: Path) -> None:
+    """A folder ModelParallelStrategy wrote passes the restricted .metadata reader; a crafted copy runs nothing."""
+    assert main(["list", str(folder)]) == 0
+    copy = tmp_path / "crafted"
+    shutil.copytree(folder, copy)
+    marker = tmp_path / "pwned"
+    with open(copy / ".metadata", "rb") as stream:
+        metadata = pickle.load(stream)  # written by the run above
+    metadata.planner_data = {"x": _Payload(marker)}
+    (copy / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match="could run code"):
+        load_ema_state_dict(copy)
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))

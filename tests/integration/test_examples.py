@@ -74,3 +74,20 @@ def test_fabric_loop_example_prints_raw_and_ema_accuracy_and_saves_a_loadable_ch
     _, val_set = fabric_loop.digits(seed=0)
     accuracy, _ = fabric_loop.evaluate(model, torch.utils.data.DataLoader(val_set, batch_size=256))
     assert accuracy == result["ema_acc"]
+
+
+def test_posthoc_diffusion_example_sweeps_plots_and_measures_the_synthesis_error(
+    examples_on_path: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import posthoc_diffusion
+
+    plot = tmp_path / "plot.png"
+    result = posthoc_diffusion.main(["--fast", "--root", str(tmp_path / "run"), "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "| synthesised" in out and "| raw |" in out and "||synth - tracked||" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["snapshots"] == 20  # 300 steps, one snapshot every 15
+    errors = result["errors"]
+    for sigma in (0.06, 0.07, 0.085):  # inside the tracked range 0.05..0.10
+        assert errors[sigma][0] < 0.05, (sigma, errors[sigma])
+    assert all(0.0 < metrics["val_swd"] < 10.0 for metrics in result["sweep"].values())

@@ -240,3 +240,26 @@ def test_loading_with_changed_settings_in_test_says_loading_not_resuming(tmp_pat
         L.Trainer(callbacks=[EMACallback(DECAY, every_n_steps=2)], **trainer_kwargs()).test(
             TinyClassifier(), make_loader(), ckpt_path=str(path)
         )
+
+
+# 10. export of a compiled submodule
+class CompiledSubmodule(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.compile(self.net, backend="eager")
+
+
+def test_export_of_a_compiled_submodule_has_the_uncompiled_names(tmp_path: Path) -> None:
+    from lightning_ema import load_ema_state_dict
+
+    ema = EMACallback(DECAY)
+    model = CompiledSubmodule()
+    trainer = fit([ema], model, enable_checkpointing=True)
+    path = tmp_path / "compiled.ckpt"
+    trainer.save_checkpoint(path)
+    weights = load_ema_state_dict(path, prefix="net.")
+    plain = TinyClassifier().net
+    plain.load_state_dict(weights)  # strict: every name matches the uncompiled module
+    for name, tensor in ema.ema_state_dict().items():
+        plain_name = name.replace("_orig_mod.", "").removeprefix("net.")
+        assert torch.equal(plain.state_dict()[plain_name], tensor), name

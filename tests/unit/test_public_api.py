@@ -1,6 +1,8 @@
 """The public surface is pinned: adding or removing a name is a deliberate change."""
 
 import lightning_ema
+import lightning_ema.compat
+import lightning_ema.formats
 import lightning_ema.schedules
 
 
@@ -12,6 +14,7 @@ def test_top_level_names() -> None:
         "EMAStateError",
         "MeanTeacherModule",
         "NonFiniteUpdateError",
+        "PostHocEMA",
         "__version__",
         "export_ema",
         "load_ema_state_dict",
@@ -30,9 +33,34 @@ def test_schedule_names() -> None:
         "ExponentialRampDecay",
         "HalfLifeDecay",
         "KarrasDecay",
+        "MomentumWarmupDecay",
         "PowerDecay",
         "WarmupDecay",
         "as_schedule",
+        "normalize_repr",
+    }
+
+
+def test_migration_names() -> None:
+    assert lightning_ema.compat.__all__ == sorted(lightning_ema.compat.__all__)
+    assert set(lightning_ema.compat.__all__) == {
+        "MMCVEMAHook",
+        "MMYOLOExpMomentumEMA",
+        "MMagicEMAHook",
+        "TimmModelEma",
+        "mean_teacher_hook_args",
+    }
+    assert set(lightning_ema.formats.FOREIGN_FORMATS) == {
+        "diffusers",
+        "ema-pytorch",
+        "lightning",
+        "mean-teacher",
+        "mmagic",
+        "mmcv",
+        "mmengine",
+        "nemo",
+        "timm",
+        "torch-ema",
     }
 
 

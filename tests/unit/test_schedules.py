@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +20,11 @@ from lightning_ema.schedules import (
     ExponentialRampDecay,
     HalfLifeDecay,
     KarrasDecay,
+    MomentumWarmupDecay,
     PowerDecay,
     WarmupDecay,
     as_schedule,
+    normalize_repr,
 )
 
 NAN = float("nan")
@@ -43,9 +47,13 @@ SCHEDULES: list[DecaySchedule] = [
     PowerDecay(decay=0.999, inv_gamma=10.0, power=0.75, min_decay=0.5),
     ExponentialRampDecay(),
     ExponentialRampDecay(decay=0.99, gamma=20),
+    MomentumWarmupDecay(),
+    MomentumWarmupDecay(momentum=0.5, warmup=10),
+    MomentumWarmupDecay(momentum=0.2, warmup=0.5),
     CosineDecay(start=0.996, end=0.9999, total_steps=1000),
     CosineDecay(start=0.99, end=0.9, total_steps=50),
     CosineDecay(start=0.5, end=0.9, total_steps=1),
+    CosineDecay(start=0.996, end=1.0, total_steps=100),
     KarrasDecay(gamma=6.94),
     KarrasDecay(gamma=0),
     KarrasDecay(sigma_rel=0.05),
@@ -221,7 +229,9 @@ def test_values_are_floats_in_unit_interval(schedule: DecaySchedule) -> None:
     for t in (*STEPS, *range(1, 200)):
         value = schedule(t)
         assert type(value) is float
-        assert 0.0 <= value < 1.0
+        # only a schedule that ends at 1 reaches it (CosineDecay(..., end=1.0)), and only from its end on
+        reaches_one = isinstance(schedule, CosineDecay) and schedule.end == 1.0 and t >= schedule.total_steps
+        assert 0.0 <= value <= 1.0 if reaches_one else 0.0 <= value < 1.0
 
 
 @pytest.mark.parametrize(
@@ -382,15 +392,16 @@ def test_karras_sigma_rel_range() -> None:
 
 def test_repr_and_config() -> None:
     schedule = WarmupDecay(decay=0.999, warmup=10)
-    assert repr(schedule) == "WarmupDecay(decay=0.999, warmup=10)"
-    assert schedule.config() == {"class": "WarmupDecay", "decay": 0.999, "warmup": 10}
+    assert repr(schedule) == "WarmupDecay(decay=0.999, warmup=10.0)"
+    assert schedule.config() == {"class": "WarmupDecay", "decay": 0.999, "warmup": 10.0}
     assert repr(ConstantDecay(0.9)) == "ConstantDecay(decay=0.9)"
-    assert repr(HalfLifeDecay(500)) == "HalfLifeDecay(half_life=500)"
+    assert repr(HalfLifeDecay(500)) == "HalfLifeDecay(half_life=500.0)"
     assert repr(PowerDecay()) == "PowerDecay(decay=0.9999, inv_gamma=1.0, power=0.6666666666666666, min_decay=0.0)"
-    assert repr(ExponentialRampDecay()) == "ExponentialRampDecay(decay=0.9998, gamma=2000)"
+    assert repr(ExponentialRampDecay()) == "ExponentialRampDecay(decay=0.9998, gamma=2000.0)"
     assert repr(CosineDecay(0.996, 0.9999, 100)) == "CosineDecay(start=0.996, end=0.9999, total_steps=100)"
+    assert repr(CosineDecay(0.996, 1, 100)) == "CosineDecay(start=0.996, end=1.0, total_steps=100)"
     assert repr(KarrasDecay(sigma_rel=0.05)) == "KarrasDecay(sigma_rel=0.05)"
-    assert repr(KarrasDecay(gamma=7)) == "KarrasDecay(gamma=7)"
+    assert repr(KarrasDecay(gamma=7)) == "KarrasDecay(gamma=7.0)"
     assert KarrasDecay(sigma_rel=0.05).config() == {"class": "KarrasDecay", "gamma": None, "sigma_rel": 0.05}
     assert KarrasDecay(gamma=6.94).config() == {"class": "KarrasDecay", "gamma": 6.94, "sigma_rel": None}
     assert CosineDecay(0.9, 0.99, 10).config() == {
@@ -424,6 +435,32 @@ def test_pickle_round_trip(schedule: DecaySchedule) -> None:
         assert repr(copy) == repr(schedule)
         assert [copy(t) for t in STEPS] == [schedule(t) for t in STEPS]
         assert copy.interval_decay(3, 500) == schedule.interval_decay(3, 500)
+
+
+# pickle.dumps(WarmupDecay(0.99, 10), protocol=2) as written before the schedules moved into private modules.
+_PICKLE_BEFORE_THE_SPLIT = (
+    b"\x80\x02clightning_ema.schedules\nWarmupDecay\nq\x00)\x81q\x01}q\x02(X\x05\x00\x00\x00decayq\x03G?\xef"
+    b"\xae\x14z\xe1G\xaeX\x06\x00\x00\x00warmupq\x04G@$\x00\x00\x00\x00\x00\x00ub."
+)
+
+
+def test_schedules_are_pickled_under_their_public_module(tmp_path: Path) -> None:
+    # The classes live in private modules; pickles, reprs and YAML class paths must keep naming
+    # lightning_ema.schedules, so that checkpoints and safe-globals allowlists written before the split still load.
+    for name in schedules_module.__all__:
+        value = getattr(schedules_module, name)
+        if isinstance(value, type):
+            assert value.__module__ == "lightning_ema.schedules", name
+            assert value.__qualname__ == name
+    old = pickle.loads(_PICKLE_BEFORE_THE_SPLIT)
+    assert type(old) is WarmupDecay
+    assert old == WarmupDecay(0.99, 10)
+    assert pickle.dumps(WarmupDecay(0.99, 10), protocol=2) == _PICKLE_BEFORE_THE_SPLIT
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "schedules.pt"
+    torch.save(SCHEDULES, path)
+    # the package allowlists the built-in schedules by their public path (add_safe_globals, at import)
+    assert torch.load(path, weights_only=True) == SCHEDULES
 
 
 def test_equality_and_hash() -> None:
@@ -499,7 +536,9 @@ def test_user_subclass_without_attributes_must_override_config() -> None:
 # --------------------------------------------------------------------------------------------------
 
 BAD_DECAYS = [-0.1, -1, 1.0, 1, 1.5, NAN, INF, -INF, True, False, "0.9", None, [0.9]]
-BAD_POSITIVE = [0, 0.0, -1, -1e-9, NAN, INF, True, "10", None]
+BAD_POSITIVE = [0, 0.0, -1, -1e-9, NAN, INF, True, "10", None, 10**400]
+# A schedule may reach 1 (CosineDecay's end, BYOL/DINO); only values outside [0, 1] are refused.
+BAD_SCHEDULE_DECAYS = [-0.1, -1, 1.0000001, 1.5, 2, NAN, INF, -INF, True, False, "0.9", None, [0.9]]
 
 BAD_ARGUMENTS: list[tuple[Callable[[Any], DecaySchedule], str, list[Any]]] = [
     (lambda v: ConstantDecay(decay=v), "decay", BAD_DECAYS),
@@ -512,8 +551,9 @@ BAD_ARGUMENTS: list[tuple[Callable[[Any], DecaySchedule], str, list[Any]]] = [
     (lambda v: PowerDecay(decay=0.99, min_decay=v), "min_decay", [-0.1, 0.995, 1.0, NAN, INF, True, "0", None]),
     (lambda v: ExponentialRampDecay(decay=v), "decay", BAD_DECAYS),
     (lambda v: ExponentialRampDecay(gamma=v), "gamma", BAD_POSITIVE),
-    (lambda v: CosineDecay(start=v, end=0.99, total_steps=10), "start", BAD_DECAYS),
-    (lambda v: CosineDecay(start=0.99, end=v, total_steps=10), "end", BAD_DECAYS),
+    (lambda v: CosineDecay(start=v, end=0.99, total_steps=10), "start", BAD_SCHEDULE_DECAYS),
+    (lambda v: CosineDecay(start=0.99, end=v, total_steps=10), "end", BAD_SCHEDULE_DECAYS),
+    (lambda v: CosineDecay(start=1.0, end=v, total_steps=10), "end", [1.0, 1]),
     (
         lambda v: CosineDecay(start=0.9, end=0.99, total_steps=v),
         "total_steps",
@@ -614,3 +654,153 @@ def test_public_names() -> None:
     assert schedules_module.__all__ == sorted(schedules_module.__all__)
     for name in schedules_module.__all__:
         assert hasattr(schedules_module, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules that reach 1 (issue 9, item 8): BYOL/DINO teachers end at exactly 1
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cosine_decay_may_end_at_one_and_then_freezes_the_average() -> None:
+    schedule = CosineDecay(start=0.996, end=1.0, total_steps=100)
+    for t in (1, 37, 99, 100):
+        assert schedule(t) == pytest.approx(1.0 - 0.004 * (math.cos(math.pi * t / 100) + 1.0) / 2.0, abs=1e-15)
+    assert [schedule(t) for t in (100, 101, 10**6)] == [1.0, 1.0, 1.0]
+    # an update covering only steps past the end has weight exactly 0: the average does not move
+    assert schedule.interval_decay(100, 10**6) == 1.0
+    assert schedule.interval_decay(95, 200) == pytest.approx(plain_product(schedule, 95, 200), rel=1e-15)
+    assert CosineDecay(start=1.0, end=0.99, total_steps=10)(10) == 0.99
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ConstantDecay(1.0), lambda: CosineDecay(1.0, 1.0, 10), lambda: as_schedule(1.0), lambda: as_schedule(1)],
+    ids=["ConstantDecay", "CosineDecay-constant", "as_schedule-float", "as_schedule-int"],
+)
+def test_a_constant_decay_of_one_stays_refused(make: Callable[[], DecaySchedule]) -> None:
+    with pytest.raises(ValueError, match="freeze"):
+        make()
+
+
+# --------------------------------------------------------------------------------------------------
+# One normalised configuration (issue 9, item 9)
+# --------------------------------------------------------------------------------------------------
+
+EQUAL_PAIRS = [
+    (WarmupDecay(0.995, 10), WarmupDecay(0.995, 10.0)),
+    (HalfLifeDecay(500), HalfLifeDecay(500.0)),
+    (PowerDecay(0.999, inv_gamma=1, power=1), PowerDecay(0.999, inv_gamma=1.0, power=1.0)),
+    (ExponentialRampDecay(0.9998, 2000), ExponentialRampDecay(0.9998, 2000.0)),
+    (KarrasDecay(gamma=7), KarrasDecay(gamma=7.0)),
+    (CosineDecay(0, 1, 10), CosineDecay(0.0, 1.0, 10)),
+    (ConstantDecay(0), ConstantDecay(0.0)),
+    (MomentumWarmupDecay(0.5, 10), MomentumWarmupDecay(0.5, 10.0)),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), EQUAL_PAIRS, ids=lambda pair: repr(pair))
+def test_equal_configurations_have_one_repr_config_and_hash(first: DecaySchedule, second: DecaySchedule) -> None:
+    assert first == second
+    assert repr(first) == repr(second)
+    assert first.config() == second.config()
+    assert [type(value) for value in first.config().values()] == [type(v) for v in second.config().values()]
+    assert hash(first) == hash(second)
+
+
+OLD_REPRS = {  # reprs as versions before the normalisation wrote them into checkpoints
+    "WarmupDecay(decay=0.995, warmup=10)": "WarmupDecay(decay=0.995, warmup=10.0)",
+    "HalfLifeDecay(half_life=500)": "HalfLifeDecay(half_life=500.0)",
+    "ExponentialRampDecay(decay=0.9998, gamma=2000)": "ExponentialRampDecay(decay=0.9998, gamma=2000.0)",
+    "KarrasDecay(gamma=7)": "KarrasDecay(gamma=7.0)",
+    "PowerDecay(decay=0.9999, inv_gamma=1, power=1, min_decay=0)": (
+        "PowerDecay(decay=0.9999, inv_gamma=1.0, power=1.0, min_decay=0.0)"
+    ),
+    "ConstantDecay(decay=0.9)": "ConstantDecay(decay=0.9)",
+    "MomentumWarmupDecay(momentum=0.0002, warmup=100)": "MomentumWarmupDecay(momentum=0.0002, warmup=100.0)",
+    "CosineDecay(start=0.9, end=1, total_steps=10)": "CosineDecay(start=0.9, end=1.0, total_steps=10)",
+}
+
+
+@pytest.mark.parametrize(("old", "new"), OLD_REPRS.items())
+def test_normalize_repr_maps_older_reprs_to_todays(old: str, new: str) -> None:
+    assert normalize_repr(old) == new
+    assert normalize_repr(new) == new
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "MySchedule(scale=2)",  # not a built-in: left as written
+        "ConstantDecay(0.9)",  # positional: not what repr writes
+        "ConstantDecay(decay=1.5)",  # invalid: left as written, never raised
+        "ConstantDecay(decay=__import__('os').getcwd())",  # not a literal: never evaluated
+        "average",
+        "torch.float32",
+        "",
+        "ConstantDecay(decay=0.9",
+    ],
+)
+def test_normalize_repr_leaves_anything_else_unchanged(text: str) -> None:
+    assert normalize_repr(text) == text
+
+
+# --------------------------------------------------------------------------------------------------
+# validate(): schedules are checked wherever they come from (issue 13, case 6)
+# --------------------------------------------------------------------------------------------------
+
+TAMPERED: list[tuple[DecaySchedule, str, object]] = [
+    (ConstantDecay(0.9), "decay", 1.5),
+    (HalfLifeDecay(10), "half_life", -1.0),
+    (WarmupDecay(0.99), "warmup", 0.5),
+    (PowerDecay(), "power", NAN),
+    (PowerDecay(), "min_decay", 0.99999),
+    (ExponentialRampDecay(), "decay", 1.0),
+    (CosineDecay(0.9, 0.99, 10), "end", 1.5),
+    (CosineDecay(0.9, 0.99, 10), "total_steps", 0),
+    (KarrasDecay(gamma=1.0), "_gamma_argument", -2.0),
+    (MomentumWarmupDecay(), "momentum", 0.0),
+]
+
+
+@pytest.mark.parametrize(("schedule", "attribute", "value"), TAMPERED, ids=lambda x: repr(x))
+def test_a_schedule_edited_behind_its_constructor_is_refused(
+    schedule: DecaySchedule, attribute: str, value: object
+) -> None:
+    setattr(schedule, attribute, value)
+    with pytest.raises(ValueError, match=re.escape(f"got {value!r}")):
+        schedule.validate()
+    with pytest.raises(ValueError, match=r"^`teacher_decay` must be a valid schedule") as info:
+        as_schedule(schedule, name="teacher_decay")
+    assert f"got {value!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(("schedule", "attribute", "value"), TAMPERED, ids=lambda x: repr(x))
+def test_unpickling_validates_like_the_constructor(schedule: DecaySchedule, attribute: str, value: object) -> None:
+    # Built without calling __init__, as a crafted file would deliver it.
+    crafted = object.__new__(type(schedule))
+    crafted.__dict__.update({**vars(schedule), attribute: value})
+    payload = pickle.dumps(crafted)
+    with pytest.raises(ValueError, match=f"A saved {type(schedule).__name__} is invalid") as info:
+        pickle.loads(payload)
+    assert f"got {value!r}" in str(info.value)
+
+
+def test_missing_attributes_and_odd_states_are_refused() -> None:
+    crafted = object.__new__(ConstantDecay)
+    crafted.__dict__["unrelated"] = 1
+    with pytest.raises(ValueError, match=r"`decay` must be a float in \[0, 1\), got nothing \(the attribute"):
+        pickle.loads(pickle.dumps(crafted))
+    # a pickle with no state at all skips __setstate__; as_schedule, which every consumer calls, still refuses it
+    empty = pickle.loads(pickle.dumps(object.__new__(ConstantDecay)))
+    with pytest.raises(ValueError, match="got nothing"):
+        as_schedule(empty)
+    with pytest.raises(ValueError, match="must hold a dict of attributes"):
+        ConstantDecay(0.9).__setstate__(("decay", 0.9))
+
+
+def test_valid_schedules_survive_validate_unchanged() -> None:
+    for schedule in SCHEDULES:
+        before = repr(schedule)
+        schedule.validate()
+        assert repr(schedule) == before
+        assert as_schedule(schedule) is schedule
