@@ -201,10 +201,13 @@ CONFIGS = [
     {"decay": [0.9, 0.99], "every_n_steps": 2},
     {"decay": 0.9, "start_step": 3},  # gated copies
     {"decay": 0.9, "buffers": "copy"},
+    {"decay": 0.9, "buffer_decay": 0.5, "integer_buffers": "average"},  # buffer weights; truncated integer EMA
+    {"decay": 0.9, "integer_buffers": "keep"},
 ]
+IDS = ["constant", "warmup", "two-decays-every-2", "start-step", "copy", "buffer-decay-int-average", "int-keep"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["constant", "warmup", "two-decays-every-2", "start-step", "copy"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("path", ["device", "deferred"])
 def test_forced_path_gives_the_host_path_ema_bit_for_bit_with_skips(config: dict[str, Any], path: str) -> None:
     poisoned = {4: "middle", 5: "first", 8: "last"}
@@ -319,7 +322,7 @@ def _no_host_reads() -> Iterator[None]:
             setattr(torch.Tensor, name, method)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["constant", "warmup", "two-decays-every-2", "start-step", "copy"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_forced_device_path_issues_an_update_without_reading_on_the_host(config: dict[str, Any]) -> None:
     module = Net()
     model_ema = twin("device", module, **config)
@@ -337,7 +340,7 @@ def test_forced_device_path_issues_an_update_without_reading_on_the_host(config:
                 pending.check.bad()  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["constant", "warmup", "two-decays-every-2", "start-step", "copy"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("nonfinite", ["error", "skip", "ignore"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_meta_tensors_take_the_device_path_with_no_host_read(
