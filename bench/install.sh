@@ -26,7 +26,7 @@ else
     done
 fi
 if [ -z "$python" ] || ! has_torch "$python"; then
-    echo "install.sh: no Python with torch found; set PYTHON=/path/to/python (the one that runs bench/run.py)" >&2
+    echo "install.sh: no Python with torch found; set PYTHON=/path/to/python (the one that runs python -m bench)" >&2
     exit 1
 fi
 echo "install.sh: installing into $("$python" -c 'import sys; print(sys.prefix)')"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from lightning_ema._config import (
     as_schedules,
 )
 from lightning_ema._distributed import any_rank, broadcast_from_rank_zero, rank, world_size
-from lightning_ema._groups import Storage
+from lightning_ema._groups import DEVICE, HOST, DeviceCheck, Storage
 from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors, unmatched_patterns
 from lightning_ema._state_validation import check_engine_state
 from lightning_ema._validate import check_int
@@ -185,6 +186,8 @@ class EMA:
         self._step = step
         #: The decay of each EMA at the last update (``0.0`` for a copy).
         self.last_decays: tuple[float, ...] = ()
+        self._pending: _Pending | None = None
+        self._side_stream = False
         self._storage = self._build(None)
         for argument, patterns in (("include", config.include), ("exclude", config.exclude)):
             unmatched = unmatched_patterns(module, patterns)
@@ -219,7 +222,13 @@ class EMA:
         if sources is not None:
             sources = [align_names(localize(source, selected), selected) for source in sources]
         storage = Storage(
-            selected, sources, targets, num_emas=len(config.schedules), device=config.device, dtype=config.dtype
+            selected,
+            sources,
+            targets,
+            num_emas=len(config.schedules),
+            device=config.device,
+            dtype=config.dtype,
+            side_stream=self._side_stream,
         )
         self._sharding = {name: item.sharding for item in selected if item.sharding for name in item.names}
         self._fingerprint = self._fingerprint_now()
@@ -269,7 +278,9 @@ class EMA:
 
     def count_steps_from(self, step: int) -> None:
         """Keep the EMA but count optimizer steps from ``step`` on (a state saved under another step numbering)."""
-        self.last_update_step = self._step = check_int("step", step, 0)
+        step = check_int("step", step, 0)
+        self._settle()  # the counters of an update still in flight would be rolled back over the new ones
+        self.last_update_step = self._step = step
 
     # ------------------------------------------------------------------ binding checks
     def refresh(self) -> list[str]:
@@ -285,6 +296,7 @@ class EMA:
         """
         if self.is_swapped:
             return []
+        self._settle()
         if self._sharding:
             S.reshard_all(self._module)  # after validation an FSDP2 root holds unsharded stand-ins
         now = self._fingerprint_now()
@@ -311,16 +323,25 @@ class EMA:
     def update(self, step: int | None = None) -> float | None:
         """Update the EMA for optimizer step ``step`` if an update is due.
 
+        With weights and EMA on the CPU the update is checked and applied before this returns. With the EMA on an
+        accelerator the host never waits for the device: the check and the decision to skip stay there, and a
+        refused or skipped update is reported (raised or warned) by the next call that needs its outcome: the
+        next due update, or a read of the EMA (:meth:`ema_state_dict`, :meth:`state_dict`, a swap,
+        :meth:`copy_to`). An EMA offloaded to the CPU (``device="cpu"``) of accelerator weights copies them
+        without blocking and applies the update there, checked, when the EMA is next needed. Either way the EMA
+        never absorbs a non-finite value, and the counters are corrected when the outcome is known.
+
         Args:
             step: the number of optimizer steps done so far; ``None`` counts calls (one step per call).
 
         Returns:
             The (first) schedule's decay at ``step`` (``0.0`` for a copy), or ``None`` if no update was due
-            or it was skipped for a non-finite weight.
+            or it was skipped for a non-finite weight (on an accelerator: as far as the host knows yet).
 
         Raises:
             ValueError: if ``step`` is smaller than the last step seen.
-            NonFiniteUpdateError: if ``nonfinite="error"`` and a weight is NaN or infinite.
+            NonFiniteUpdateError: if ``nonfinite="error"`` and a weight is NaN or infinite (on an accelerator:
+                a weight of an earlier update, named with its step).
             RuntimeError: if the EMA is swapped into the module.
         """
         if step is None:
@@ -331,23 +352,52 @@ class EMA:
                 "optimizer steps done; start a new EMA for a new run."
             )
         self._step = step
+        self._settle(wait=False)
         policy = self._policy
         if not policy.is_due(self.last_update_step, step):
             return None
         if self.is_swapped:
             raise RuntimeError("Cannot update the EMA while EMA weights are swapped into the module.")
-        if self.config.nonfinite != "ignore" and not self._all_finite(step):
-            return None
-        if policy.copies(step):
-            self._storage.copy_weights()
-            self.last_decays = (0.0,) * self.num_emas
-        else:
-            last = self.last_update_step
-            self._storage.average(policy.weights(last, step), policy.buffer_weights(last, step))
-            self.last_decays = policy.decays_at(step)
+        self._settle()  # this update's decay depends on whether the previous one was applied
+        storage = self._storage
+        last = self.last_update_step
+        weights = None if policy.copies(step) else policy.weights(last, step)
+        buffer_weights = None if weights is None else policy.buffer_weights(last, step)
+        checked = self.config.nonfinite != "ignore"
+        pending: _Pending | None = None
+        if storage.path == HOST:
+            storage.stage()
+            storage.wait_staged()
+            if checked and not self._all_finite(step):
+                return None
+            self._apply(weights, buffer_weights)
+        elif storage.path == DEVICE:
+            with storage.issuing():
+                storage.stage()
+                check = self._device_check() if checked else None
+                self._apply(weights, buffer_weights, None if check is None else check.found)
+                if check is not None:
+                    check.start_readback()
+                    pending = _Pending(step, self._counters(), check=check)
+        else:  # DEFERRED: applied on the host when the EMA is next needed
+            storage.stage()
+            pending = _Pending(step, self._counters(), weights=weights, buffer_weights=buffer_weights, deferred=True)
+        self._pending = pending
         self.num_updates += 1
         self.last_update_step = step
+        self.last_decays = (0.0,) * self.num_emas if weights is None else policy.decays_at(step)
         return self.last_decays[0]
+
+    def _apply(
+        self, weights: list[float] | None, buffer_weights: list[float] | None = None, skip: Tensor | None = None
+    ) -> None:
+        if weights is None:
+            self._storage.copy_weights(skip)
+        else:
+            self._storage.average(weights, buffer_weights, skip)
+
+    def _counters(self) -> tuple[int, int, tuple[float, ...]]:
+        return self.num_updates, self.last_update_step, self.last_decays
 
     def _all_finite(self, step: int) -> bool:
         found, bad = self._storage.nonfinite()
@@ -356,6 +406,21 @@ class EMA:
             found = any_rank(found, self._storage.first_device())
         if not found:
             return True
+        self._refuse(step, bad)
+        return False
+
+    def _device_check(self) -> DeviceCheck | None:
+        check = self._storage.device_check()
+        if check is not None and self._distributed_shards():
+            # The same agreement as on the host, as a collective on the device flag: the host reads nothing.
+            torch.distributed.all_reduce(check.found, op=torch.distributed.ReduceOp.MAX)
+        return check
+
+    def _distributed_shards(self) -> bool:
+        return bool(self._sharding) and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _refuse(self, step: int, bad: list[str]) -> None:
+        """Raise for a refused update (``"error"``) or warn that it was skipped (``"skip"``)."""
         where = f"Weights {bad}" if bad else "Weights of another rank's shards"
         message = f"{where} hold NaN or infinity at optimizer step {step}"
         if self.config.nonfinite == "error":
@@ -363,15 +428,63 @@ class EMA:
                 f"{message}; the EMA update was refused and the EMA keeps its last finite value. "
                 "Pass nonfinite='skip' to skip such updates with a warning instead."
             )
-        warnings.warn(f"{message}; this EMA update is skipped.", RuntimeWarning, stacklevel=3)
-        return False
+        warnings.warn(f"{message}; this EMA update is skipped.", RuntimeWarning, stacklevel=4)
+
+    def _settle(self, *, wait: bool = True) -> None:
+        """Learn the outcome of an update issued without reading it, and make the EMA current for the host.
+
+        On the ``"device"`` path this reads the check's non-blocking copy (waiting, if ``wait``, only for that
+        copy); a skipped update's counters are rolled back and it is reported. On the ``"deferred"`` path the
+        staged weights are checked and the update applied (only if ``wait``: a collective may be involved, and
+        every rank must do it at the same call). With a side stream, the current stream then waits for the
+        update's kernels on the device.
+        """
+        pending = getattr(self, "_pending", None)
+        if pending is not None and (wait or (pending.check is not None and pending.check.ready())):
+            self._pending = None
+            if pending.deferred:
+                self._storage.wait_staged()
+                if self.config.nonfinite == "ignore" or self._all_finite_or_roll_back(pending):
+                    self._apply(pending.weights, pending.buffer_weights)
+            elif pending.check is not None:
+                found, bad = pending.check.bad()
+                if found:
+                    self.num_updates, self.last_update_step, self.last_decays = pending.counters
+                    self._refuse(pending.step, bad)
+        if wait:
+            self._storage.wait_for_update()
+
+    def _all_finite_or_roll_back(self, pending: _Pending) -> bool:
+        try:
+            finite = self._all_finite(pending.step)
+        except NonFiniteUpdateError:
+            self.num_updates, self.last_update_step, self.last_decays = pending.counters
+            raise
+        if not finite:
+            self.num_updates, self.last_update_step, self.last_decays = pending.counters
+        return finite
 
     def relative_distances(self) -> list[Tensor]:
         """Return ``||ema - w|| / ||w||`` over the averaged tensors, one 0-d tensor per EMA, without a host sync.
 
         It allocates temporaries, so call it every few hundred steps, not every step.
         """
+        self._settle()
         return self._storage.relative_distances()
+
+    def use_side_stream(self, enabled: bool = True) -> None:
+        """On CUDA, issue each update on a side stream, so that it overlaps the next step's forward pass.
+
+        The side stream waits for the current stream (the optimizer step that wrote the weights) before the
+        update; every optimizer step waits for the update (an optimizer step pre-hook; on the device, the host
+        never waits), and so does every read of the EMA here (swaps, :meth:`ema_state_dict`, :meth:`state_dict`,
+        :meth:`copy_to`). Code that writes the weights outside an optimizer step between two updates must
+        call :meth:`ema_state_dict` (or swap) first. Without CUDA, or with EMAs on several devices, updates run
+        in stream order as before.
+        """
+        self._settle()
+        self._side_stream = bool(enabled)
+        self._storage.set_side_stream(self._side_stream)
 
     # ------------------------------------------------------------------ swapping
     def swap_in(self, index: int = 0) -> None:
@@ -385,6 +498,7 @@ class EMA:
         if storage.swap_depth and index != storage.swap_index:
             raise RuntimeError(f"EMA {storage.swap_index} is swapped in; swap it out before swapping in EMA {index}.")
         if storage.swap_depth == 0:
+            self._settle()
             if self._sharding:
                 S.reshard_all(self._module)
             storage.swap_in(index)
@@ -424,6 +538,9 @@ class EMA:
         """
         if self.is_swapped:
             raise RuntimeError("Cannot copy the module's weights into the EMA while it is swapped in.")
+        self._settle()  # an update still in flight must not land after the copy
+        self._storage.stage()
+        self._storage.wait_staged()
         self._storage.copy_weights(keep_kept=True)
 
     def copy_to(self, module: nn.Module | None = None, index: int = 0) -> None:
@@ -438,6 +555,7 @@ class EMA:
         index = self._check_index(index)
         if self.is_swapped:
             raise RuntimeError("Cannot copy the EMA into a module while it is swapped in.")
+        self._settle()
         if module is None or module is self._module:
             self._storage.copy_into_module(index)
             return
@@ -462,7 +580,9 @@ class EMA:
     # ------------------------------------------------------------------ state
     def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Return EMA ``index`` under the module's ``state_dict`` names (live references, not copies)."""
-        return self._storage.ema_by_name(self._check_index(index))
+        index = self._check_index(index)
+        self._settle()
+        return self._storage.ema_by_name(index)
 
     def raw_state_dict(self) -> dict[str, Tensor]:
         """Return the raw values of the tracked tensors by name, wherever a swap has put them."""
@@ -470,6 +590,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Return counters and EMA tensors: plain values and tensors only (``weights_only`` loadable)."""
+        self._settle()
         state: dict[str, Any] = {
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
@@ -503,7 +624,9 @@ class EMA:
             )
         emas, counters = _checked_state(state, self.num_emas, self.schedules)
         # Names and shapes are checked before anything is written (into a target's tensors too).
+        self._storage.wait_for_update()
         self._storage = self._build(emas)
+        self._pending = None  # an update still in flight belongs to the state that was replaced
         self.num_updates, self.last_update_step, self._step = counters
 
     # ------------------------------------------------------------------ distributed
@@ -515,7 +638,20 @@ class EMA:
         rank 0's buffers are the model's, and its buffer EMA is the one every rank should evaluate with. Call it
         on every rank (it is a collective) where the EMA is about to be read; it does nothing in one process.
         """
+        self._settle()
         broadcast_from_rank_zero(self._storage.buffer_emas())
+
+
+@dataclass
+class _Pending:
+    """An update issued without the host knowing its outcome yet (see :meth:`EMA._settle`)."""
+
+    step: int
+    counters: tuple[int, int, tuple[float, ...]]  # num_updates, last_update_step, last_decays before it
+    check: DeviceCheck | None = None
+    weights: list[float] | None = None
+    buffer_weights: list[float] | None = None
+    deferred: bool = False
 
 
 def _checked_state(

@@ -7,6 +7,7 @@ caller groups by (device, dtype), so that each call is one multi-tensor (``torch
 from __future__ import annotations
 
 import fnmatch
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -18,9 +19,13 @@ __all__ = [
     "copy_",
     "ema_dtype_for",
     "exchange_",
+    "finite_each",
+    "gated_copy_",
+    "gated_lerp_",
     "is_selected",
     "lerp_",
     "nonfinite_mask",
+    "screen_into_",
     "squared_distance",
     "squared_norm",
 ]
@@ -90,53 +95,134 @@ def ema_dtype_for(weight_dtype: torch.dtype, requested: torch.dtype | None) -> t
 def lerp_(ema: list[Tensor], weights: list[Tensor], weight: float) -> None:
     """Move each EMA tensor towards its weight in place: ``ema += weight * (w - ema)``.
 
-    One fused ``torch._foreach_lerp_`` when the lists share a dtype. When the EMA is kept in a wider
-    dtype than the weights (float32 EMA of bfloat16 weights) ``lerp`` refuses mixed dtypes, so the update
-    is written as ``ema * (1 - weight) + w * weight`` with two in-place multi-tensor kernels that promote
-    the weights on the fly, allocating nothing.
+    One fused ``torch._foreach_lerp_``. ``lerp`` refuses mixed dtypes (a float32 EMA of bfloat16 weights), so
+    such weights are first widened (exactly) to the EMA's dtype; :class:`lightning_ema._groups.Storage` does that
+    block by block into a buffer that stays in cache, so that the EMA is still read and written once.
 
     Args:
         ema: EMA tensors, all on one device.
         weights: the current weights, paired with ``ema`` by position and on the same device.
         weight: ``1 - decay``.
     """
-    if not ema:
-        return
+    if ema:
+        torch._foreach_lerp_(ema, _same_dtype(ema, weights), weight)
+
+
+def _same_dtype(ema: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
     if ema[0].dtype == weights[0].dtype:
-        torch._foreach_lerp_(ema, weights, weight)
-    else:
-        torch._foreach_mul_(ema, 1.0 - weight)
-        torch._foreach_add_(ema, weights, alpha=weight)
+        return weights
+    return [w.to(e.dtype) for e, w in zip(ema, weights, strict=True)]
 
 
 @torch.no_grad()
-def copy_(destination: list[Tensor], source: list[Tensor]) -> None:
+def copy_(destination: list[Tensor], source: list[Tensor], *, non_blocking: bool = False) -> None:
     """Copy ``source`` into ``destination`` in place, converting device and dtype as needed."""
     if destination:
-        torch._foreach_copy_(destination, source)
+        torch._foreach_copy_(destination, source, non_blocking=non_blocking)
+
+
+@torch.no_grad()
+def screen_into_(tensors: Sequence[Tensor], slots: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Screen each tensor for NaN and infinity into its pair of 0-d slots (of its dtype), allocating nothing.
+
+    The slots become non-finite if the tensor holds a NaN or an infinity. The screen is the tensor's sum (in
+    the first slot): ``+inf`` and ``-inf`` together give NaN. A sum can also overflow from large finite values,
+    so a non-finite slot only says "look closer" (:func:`finite_each` decides). Float16 sums overflow far too
+    easily (65504 is its largest value), so a float16 tensor gets its minimum and maximum instead, which are
+    exact. Either way it is one read of the tensor, at memory bandwidth.
+    """
+    for tensor, (first, second) in zip(tensors, slots, strict=True):
+        if tensor.dtype == torch.float16:
+            torch.aminmax(tensor, out=(first, second))
+        else:
+            torch.sum(tensor, tuple(range(tensor.dim())), out=first)
+
+
+def finite_each(tensors: Sequence[Tensor]) -> list[bool]:
+    """Return, exactly and on the host, whether each tensor holds only finite values (the slow, sure check)."""
+    return [bool(torch.isfinite(tensor).all()) for tensor in tensors]
 
 
 @torch.no_grad()
 def nonfinite_mask(tensors: list[Tensor]) -> Tensor:
-    """Return a boolean tensor that is ``True`` exactly for each tensor holding a NaN or an infinity.
+    """Return a boolean tensor, on the tensors' device, that is ``True`` exactly for each one holding NaN or inf.
 
-    On CUDA one fused ``_foreach_norm(ord=inf)`` answers it (the largest absolute value is non-finite exactly
-    when the tensor holds a NaN or an infinity). On CPU that kernel is several times slower than reading the
-    weights once, so each tensor is screened by its sum instead: a NaN or an infinity makes the sum non-finite
-    (``+inf`` and ``-inf`` together give NaN). A sum can also overflow from large finite values, so the tensors
-    the screen flags, normally none, are checked exactly with ``isfinite``: no finite tensor is ever flagged.
-    Empty tensors are never flagged.
+    The host never reads a value here, so on an accelerator the answer stays on the device: one fused
+    ``_foreach_norm(ord=inf)`` (the largest absolute value is non-finite exactly when the tensor holds a NaN or an
+    infinity; no finite value can overflow it). Empty tensors are never flagged.
     """
-    if tensors[0].device.type == "cuda" and all(t.numel() for t in tensors):
+    nonempty = [t for t in tensors if t.numel()]
+    if len(nonempty) == len(tensors):
         return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))))
-    sums = torch.stack([t.sum(dtype=torch.float32) if t.dtype in _HALF else t.sum().float() for t in tensors])
-    flagged = ~torch.isfinite(sums)
-    if not bool(flagged.any()):
-        return flagged
-    exact = [
-        bool(is_flagged) and not bool(torch.isfinite(t).all()) for t, is_flagged in zip(tensors, flagged, strict=True)
-    ]
-    return torch.tensor(exact, device=sums.device)
+    mask = torch.zeros(len(tensors), dtype=torch.bool, device=tensors[0].device)
+    if nonempty:
+        positions = torch.tensor([i for i, t in enumerate(tensors) if t.numel()], device=mask.device)
+        mask[positions] = nonfinite_mask(nonempty)
+    return mask
+
+
+#: Devices whose ``torch._fused_sgd_`` reads ``found_inf`` inside the kernel (CUDA) or where reading it is free (CPU).
+_GATED_DEVICES = ("cpu", "cuda")
+
+
+@torch.no_grad()
+def gated_lerp_(ema: list[Tensor], weights: list[Tensor], weight: float, skip: Tensor) -> None:
+    """:func:`lerp_` unless ``skip`` (a float32 0-d tensor on the EMA's device) is ``1``; the host reads nothing.
+
+    A lerp with weight 0 cannot skip: ``ema + 0 * (nan - ema)`` is NaN. Torch's fused SGD kernel can, the way
+    ``GradScaler`` skips fused optimizer steps: it reads ``found_inf`` on the device and returns before touching
+    anything, so a skipped update leaves the EMA bit for bit as it was. With ``weight_decay=-1`` and ``lr=-weight``
+    its step ``p -= lr * (g + weight_decay * p)`` with ``g = w`` is ``p + weight * (w - p)``, the lerp (on CPU bit
+    for bit the same as ``lerp_`` for float32 and float64 and weights below 0.5). Other cases (weights of 0.5 or
+    more, where ``lerp`` switches formula; half-precision EMAs, which that kernel rounds differently; tensors that
+    are not contiguous; devices without it; meta tensors) select with ``torch.where`` per tensor, which costs a
+    temporary of one tensor.
+    """
+    if not ema:
+        return
+    weights = _same_dtype(ema, weights)
+    fused = weight < 0.5 and ema[0].device.type in _GATED_DEVICES and ema[0].dtype in (torch.float32, torch.float64)
+    # The fused kernel pairs elements by memory position: only for contiguous pairs (a channels_last weight is not).
+    fast = [fused and e.is_contiguous() and w.is_contiguous() for e, w in zip(ema, weights, strict=True)]
+    if any(fast):
+        torch._fused_sgd_(
+            [e for e, f in zip(ema, fast, strict=True) if f],
+            [w for w, f in zip(weights, fast, strict=True) if f],
+            [],
+            weight_decay=-1.0,
+            momentum=0.0,
+            lr=-_opmath_rounded(weight, ema[0].dtype),
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,
+            found_inf=skip,
+        )
+    if all(fast):
+        return
+    keep = skip.bool()
+    for e, w, f in zip(ema, weights, fast, strict=True):
+        if not f:
+            candidate = e.clone()
+            candidate.lerp_(w, weight)
+            e.copy_(torch.where(keep, e, candidate, out=candidate))
+
+
+@torch.no_grad()
+def gated_copy_(destination: list[Tensor], source: list[Tensor], skip: Tensor) -> None:
+    """:func:`copy_` unless ``skip`` (a 0-d tensor on the destination's device) is non-zero; the host reads nothing."""
+    if not destination:
+        return
+    keep = skip.bool()
+    for d, s in zip(destination, source, strict=True):
+        d.copy_(torch.where(keep, d, s.to(d.dtype)))
+
+
+def _opmath_rounded(weight: float, dtype: torch.dtype) -> float:
+    """``weight`` as the lerp kernels see it: rounded to float32 unless the EMA is float64."""
+    if dtype == torch.float64:
+        return weight
+    return float(struct.unpack("f", struct.pack("f", weight))[0])
 
 
 @torch.no_grad()

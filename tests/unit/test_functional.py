@@ -12,9 +12,13 @@ from lightning_ema.functional import (
     copy_,
     ema_dtype_for,
     exchange_,
+    finite_each,
+    gated_copy_,
+    gated_lerp_,
     is_selected,
     lerp_,
     nonfinite_mask,
+    screen_into_,
 )
 
 NAN = float("nan")
@@ -366,3 +370,156 @@ def test_nonfinite_mask_sum_screen_is_exact() -> None:
     both_infinities = torch.tensor([float("inf"), 1.0, float("-inf")])
     halves = torch.full((100_000,), 60_000.0, dtype=torch.float16)  # the float16 sum would overflow
     assert nonfinite_mask([overflowing, both_infinities, halves]).tolist() == [False, True, False]
+
+
+# ----------------------------------------------------------------------------------------------- screen_into_
+
+
+def _bits(tensor: torch.Tensor) -> list[int]:
+    """The raw bit patterns of a float tensor (tells -0.0 from 0.0 and one NaN from another)."""
+    integer = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.detach().contiguous().view(integer).flatten().tolist()
+
+
+def _slots(
+    count: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    buffer = torch.full((count, 2), -1.0, dtype=dtype)
+    return buffer, [(row[0], row[1]) for row in buffer.unbind()]
+
+
+def test_screen_into_writes_each_sum_into_its_slot_in_place() -> None:
+    tensors = [
+        _random((3, 4), 1),
+        _random((2, 3, 4, 5), 2).to(memory_format=torch.channels_last),  # not contiguous
+        torch.tensor(2.5),  # 0-d
+    ]
+    buffer, slots = _slots(3)
+    screen_into_(tensors, slots)
+    for tensor, (value, untouched) in zip(tensors, buffer.tolist(), strict=True):
+        assert value == pytest.approx(sum(tensor.double().flatten().tolist()), rel=1e-5, abs=1e-5)
+        assert untouched == -1.0
+    assert all(first._base is buffer for first, _ in slots)  # written in place, views of one buffer
+
+
+def test_screen_into_float16_takes_min_and_max_which_cannot_overflow() -> None:
+    tensors = [torch.full((100_000,), 60_000.0, dtype=torch.float16), torch.tensor([-3.0, 5.0], dtype=torch.float16)]
+    buffer, slots = _slots(2, torch.float16)
+    screen_into_(tensors, slots)
+    assert buffer.tolist() == [[60_000.0, 60_000.0], [-3.0, 5.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_screen_into_flags_what_may_be_non_finite_and_finite_each_decides(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max
+    tensors = [
+        torch.tensor([1.0, 2.0], dtype=dtype),
+        torch.tensor([1.0, NAN], dtype=dtype),
+        torch.tensor([INF, -INF], dtype=dtype),  # sum NaN
+        torch.tensor([-INF, 1.0], dtype=dtype),
+        torch.tensor([big, big], dtype=dtype),  # finite, but the sum overflows
+    ]
+    buffer, slots = _slots(len(tensors), dtype)
+    screen_into_(tensors, slots)
+    flagged = [not bool(torch.isfinite(row).all()) for row in buffer]
+    assert flagged[:4] == [False, True, True, True]
+    assert flagged[4] == (dtype != torch.float16)  # a sum may overflow: only a screen
+    assert finite_each(tensors) == [True, False, False, False, True]
+
+
+# ----------------------------------------------------------------------------------------------- gated kernels
+
+
+def _skip(value: float, device: str = "cpu") -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+@pytest.mark.parametrize("w", [1e-4, 0.1, 0.4999, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gated_lerp_applies_exactly_lerp_when_not_skipped(w: float, dtype: torch.dtype) -> None:
+    ema = [_random((5, 7), 10, dtype), _random((3,), 11, dtype), _random((), 12, dtype)]
+    weights = [_random(t.shape, 20 + i, dtype) for i, t in enumerate(ema)]
+    expected = [e.clone() for e in ema]
+    lerp_(expected, weights, w)
+    reference = [_reference_lerp(e, x, w) for e, x in zip(ema, weights, strict=True)]
+    gated_lerp_(ema, weights, w, _skip(0.0))
+    for actual, wanted, ref in zip(ema, expected, reference, strict=True):
+        assert _bits(actual) == _bits(wanted)  # the CPU path's numbers, bit for bit
+        tolerance = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+        assert _max_abs_error(actual, ref) <= tolerance * 4
+
+
+def test_gated_lerp_pairs_non_contiguous_weights_by_index() -> None:
+    ema = [_random((2, 3, 4, 5), 1), _random((6,), 2)]
+    weights = [_random((2, 3, 4, 5), 3).to(memory_format=torch.channels_last), _random((6,), 4)]
+    expected = [e.clone().lerp_(w, 0.1) for e, w in zip(ema, weights, strict=True)]
+    gated_lerp_(ema, weights, 0.1, _skip(0.0))
+    assert [_bits(e) for e in ema] == [_bits(e) for e in expected]
+    before = [_bits(e) for e in ema]
+    gated_lerp_(ema, [w.fill_(NAN) for w in weights], 0.1, _skip(1.0))
+    assert [_bits(e) for e in ema] == before
+
+
+@pytest.mark.parametrize("w", [1e-4, 0.3, 0.5, 0.9])
+def test_gated_lerp_skipped_leaves_every_bit_even_with_nonfinite_weights(w: float) -> None:
+    ema = [torch.tensor([1.0, -0.0, 0.0, -2.5, 3e38]), torch.tensor([[NAN, 4.0]])]
+    weights = [torch.tensor([NAN, INF, -INF, 1.0, 3e38]), torch.tensor([[1.0, NAN]])]
+    before = [_bits(e) for e in ema]
+    gated_lerp_(ema, weights, w, _skip(1.0))
+    assert [_bits(e) for e in ema] == before
+
+
+def test_a_lerp_with_weight_zero_cannot_skip_a_nan() -> None:
+    """Why the gated kernels exist: ``lerp`` towards NaN with weight 0 is NaN, and -0.0 can come back as 0.0."""
+    ema = torch.tensor([1.0, -0.0])
+    ema.lerp_(torch.tensor([NAN, 1.0]), 0.0)
+    assert torch.isnan(ema[0]) and _bits(ema[1:]) == _bits(torch.tensor([0.0]))
+
+
+def test_gated_lerp_float32_ema_of_bfloat16_weights_lerps_towards_the_widened_weights() -> None:
+    ema = [_random((64,), 1)]
+    weights = [_random((64,), 2, torch.bfloat16)]
+    expected = ema[0].clone().lerp_(weights[0].float(), 0.01)
+    gated_lerp_(ema, weights, 0.01, _skip(0.0))
+    assert _bits(ema[0]) == _bits(expected)
+    assert _max_abs_error(ema[0], _reference_lerp(expected, weights[0], 0.0)) == 0.0
+
+
+def test_lerp_float32_ema_of_bfloat16_weights_is_a_lerp_towards_the_widened_weights() -> None:
+    ema = [_random((64,), 1)]
+    weights = [_random((64,), 2, torch.bfloat16)]
+    expected = ema[0].clone().lerp_(weights[0].float(), 0.01)
+    lerp_(ema, weights, 0.01)
+    assert _bits(ema[0]) == _bits(expected)
+
+
+@pytest.mark.parametrize("skip", [0.0, 1.0])
+def test_gated_copy(skip: float) -> None:
+    destination = [torch.tensor([1.0, -0.0]), torch.tensor([3, 4])]
+    source = [torch.tensor([NAN, 2.0], dtype=torch.float64), torch.tensor([5, 6])]
+    before = [_bits(destination[0]), destination[1].tolist()]
+    gated_copy_(destination, source, _skip(skip))
+    if skip:
+        assert [_bits(destination[0]), destination[1].tolist()] == before
+    else:
+        assert torch.isnan(destination[0][0]) and destination[0][1].item() == 2.0
+        assert destination[0].dtype == torch.float32 and destination[1].tolist() == [5, 6]
+
+
+def test_gated_kernels_and_the_mask_run_on_meta_tensors_where_nothing_can_be_read() -> None:
+    """Meta tensors have no values: any `.item()` or `bool()` raises, so these kernels never read on the host."""
+    ema = [torch.empty(4, 3, device="meta"), torch.empty((), device="meta")]
+    weights = [torch.empty(4, 3, device="meta", dtype=torch.bfloat16), torch.empty((), device="meta")]
+    with pytest.raises(RuntimeError):
+        bool(ema[1])  # the premise
+    mask = nonfinite_mask(weights)
+    skip = mask.any().float()
+    for w in (0.1, 0.7):
+        gated_lerp_(ema, weights, w, skip)
+    gated_copy_(ema, weights, skip)
+    assert mask.device.type == "meta" and mask.shape == (2,)
+
+
+def test_nonfinite_mask_with_empty_tensors_among_others() -> None:
+    tensors = [torch.zeros(0), torch.tensor([NAN]), torch.zeros(0, 3), torch.tensor([1.0])]
+    assert nonfinite_mask(tensors).tolist() == [False, True, False, False]
