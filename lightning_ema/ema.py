@@ -39,10 +39,12 @@ from lightning_ema._config import (
     NonFinitePolicy,
     as_schedules,
 )
+from lightning_ema._device import DeviceCheck
 from lightning_ema._distributed import any_rank, broadcast_from_rank_zero, rank, world_size
-from lightning_ema._groups import DEVICE, HOST, DeviceCheck, Storage
+from lightning_ema._groups import DEVICE, HOST, Storage
 from lightning_ema._selection import align_names, fingerprint, localize, select, target_tensors, unmatched_patterns
 from lightning_ema._state_validation import check_engine_state
+from lightning_ema._swaps import Swaps, copy_by_name
 from lightning_ema._validate import check_int
 from lightning_ema.errors import EMAStateError, NonFiniteUpdateError
 from lightning_ema.schedules import DecaySchedule
@@ -231,6 +233,7 @@ class EMA:
             side_stream=self._side_stream,
         )
         self._sharding = {name: item.sharding for item in selected if item.sharding for name in item.names}
+        self._swaps = Swaps(storage, module, sharded=bool(self._sharding))
         self._fingerprint = self._fingerprint_now()
         return storage
 
@@ -269,7 +272,7 @@ class EMA:
     @property
     def is_swapped(self) -> bool:
         """Whether the EMA is in the module in place of the raw weights."""
-        return self._storage.swap_depth > 0
+        return self._swaps.depth > 0
 
     @property
     def sharding(self) -> dict[str, S.Sharding]:
@@ -309,7 +312,7 @@ class EMA:
             if self._fingerprint.get(part, {}).get(name) != identity
         )
         gone = sorted(set(self._fingerprint["module"]) - set(now["module"]))
-        sources = None if self._target is not None else [self._storage.ema_by_name(k) for k in range(self.num_emas)]
+        sources = None if self._target is not None else [self._swaps.ema_by_name(k) for k in range(self.num_emas)]
         try:
             self._storage = self._build(sources)
         except EMAStateError as error:
@@ -372,7 +375,7 @@ class EMA:
                 return None
             self._apply(weights, buffer_weights)
         elif storage.path == DEVICE:
-            with storage.issuing():
+            with storage.side.issuing():
                 storage.stage()
                 check = self._device_check() if checked else None
                 self._apply(weights, buffer_weights, None if check is None else check.found)
@@ -452,7 +455,7 @@ class EMA:
                     self.num_updates, self.last_update_step, self.last_decays = pending.counters
                     self._refuse(pending.step, bad)
         if wait:
-            self._storage.wait_for_update()
+            self._storage.side.wait()
 
     def _all_finite_or_roll_back(self, pending: _Pending) -> bool:
         try:
@@ -494,28 +497,13 @@ class EMA:
         the others back the raw weights up first and copy the EMA in.
         """
         index = self._check_index(index)
-        storage = self._storage
-        if storage.swap_depth and index != storage.swap_index:
-            raise RuntimeError(f"EMA {storage.swap_index} is swapped in; swap it out before swapping in EMA {index}.")
-        if storage.swap_depth == 0:
+        if not self._swaps.depth:
             self._settle()
-            if self._sharding:
-                S.reshard_all(self._module)
-            storage.swap_in(index)
-        storage.swap_depth += 1
+        self._swaps.swap_in(index)
 
     def swap_out(self, *, force: bool = False) -> None:
         """Restore the raw weights bit-exactly (``force``: whatever the nesting depth)."""
-        storage = self._storage
-        if storage.swap_depth == 0:
-            return
-        storage.swap_depth = 0 if force else storage.swap_depth - 1
-        if storage.swap_depth:
-            return
-        if self._sharding:
-            # Validation leaves the FSDP2 root unsharded with the EMA in it; reshard before restoring the shards.
-            S.reshard_all(self._module)
-        storage.swap_out()
+        self._swaps.swap_out(force=force)
 
     @contextmanager
     def swapped(self, index: int = 0) -> Iterator[nn.Module]:
@@ -557,20 +545,9 @@ class EMA:
             raise RuntimeError("Cannot copy the EMA into a module while it is swapped in.")
         self._settle()
         if module is None or module is self._module:
-            self._storage.copy_into_module(index)
-            return
-        destination = {F.canonical_name(n): t for n, t in module.state_dict(keep_vars=True).items()}
-        pairs = [(destination.get(F.canonical_name(name)), ema) for name, ema in self.ema_state_dict(index).items()]
-        wrong = sorted(
-            name
-            for name, (tensor, ema) in zip(self.ema_state_dict(index), pairs, strict=True)
-            if not isinstance(tensor, Tensor) or tensor.shape != ema.shape
-        )
-        if wrong:
-            raise EMAStateError(f"`module` lacks or has other shapes for {wrong}; nothing was copied.")
-        with torch.no_grad():
-            for tensor, ema in pairs:
-                tensor.copy_(ema)  # type: ignore[union-attr]
+            self._swaps.copy_into_module(index)
+        else:
+            copy_by_name(self._swaps.ema_by_name(index), module)
 
     def _check_index(self, index: int) -> int:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_emas:
@@ -582,11 +559,11 @@ class EMA:
         """Return EMA ``index`` under the module's ``state_dict`` names (live references, not copies)."""
         index = self._check_index(index)
         self._settle()
-        return self._storage.ema_by_name(index)
+        return self._swaps.ema_by_name(index)
 
     def raw_state_dict(self) -> dict[str, Tensor]:
         """Return the raw values of the tracked tensors by name, wherever a swap has put them."""
-        return self._storage.raw_by_name()
+        return self._swaps.raw_by_name()
 
     def state_dict(self) -> dict[str, Any]:
         """Return counters and EMA tensors: plain values and tensors only (``weights_only`` loadable)."""
@@ -595,7 +572,7 @@ class EMA:
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
             "step": self._step,
-            "emas": [self._storage.ema_by_name(k) for k in range(self.num_emas)],
+            "emas": [self._swaps.ema_by_name(k) for k in range(self.num_emas)],
         }
         if self._sharding:
             # Local shards: only the rank that holds them may load them back (see `load_state_dict`).
@@ -624,7 +601,7 @@ class EMA:
             )
         emas, counters = _checked_state(state, self.num_emas, self.schedules)
         # Names and shapes are checked before anything is written (into a target's tensors too).
-        self._storage.wait_for_update()
+        self._storage.side.wait()
         self._storage = self._build(emas)
         self._pending = None  # an update still in flight belongs to the state that was replaced
         self.num_updates, self.last_update_step, self._step = counters
@@ -639,7 +616,7 @@ class EMA:
         on every rank (it is a collective) where the EMA is about to be read; it does nothing in one process.
         """
         self._settle()
-        broadcast_from_rank_zero(self._storage.buffer_emas())
+        broadcast_from_rank_zero(self._swaps.buffer_emas())
 
 
 @dataclass
