@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 __all__ = ["callbacks_of", "refuse_conflicting_swaps", "refuse_unsupported_strategy", "saves_weights_only"]
 
-C = TypeVar("C", bound=Callback)
+_CallbackT = TypeVar("_CallbackT", bound=Callback)
 
 
 def refuse_unsupported_strategy(strategy: object) -> None:
@@ -63,7 +63,7 @@ def saves_weights_only(trainer: pl.Trainer) -> bool:
     return any(isinstance(c, ModelCheckpoint) and c.save_weights_only for c in callbacks)
 
 
-def callbacks_of(trainer: pl.Trainer, kind: type[C]) -> list[C]:
+def callbacks_of(trainer: pl.Trainer, kind: type[_CallbackT]) -> list[_CallbackT]:
     """The callbacks of ``trainer`` that are instances of ``kind``, in the Trainer's order."""
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
     return [callback for callback in callbacks if isinstance(callback, kind)]

@@ -1,8 +1,8 @@
 """``EMACallback``: the Lightning hooks that update a :class:`~lightning_ema.EMA`, log it and evaluate with it.
 
-Which EMA each run uses, and the callback's checkpoint state, are its base class's
-(:class:`~lightning_ema._holder.EMAHolder`); this module has the arguments, the checks of the Trainer at ``setup``,
-the update and its logging after each batch, and the swaps for evaluation.
+Its base class :class:`~lightning_ema._holder.EMAHolder` holds the EMA (which one each run uses, read access to it,
+the checkpoint state); this module has the arguments, the checks of the Trainer in ``setup``, the update and its
+logging after each batch, and the swaps for evaluation.
 """
 
 from __future__ import annotations
