@@ -14,10 +14,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_ema._init_from import match_names
 from lightning_ema._selection import select
 from lightning_ema._state_validation import FORMAT, VERSION
 from lightning_ema.ema import EMAConfig
-from lightning_ema.formats import match_names
 
 __all__ = ["take_lightning_average"]
 

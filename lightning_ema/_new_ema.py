@@ -1,7 +1,7 @@
 """How a new EMA starts: from the weights, or from ``init_from``.
 
-- ``init_from`` is checked when the callback is made (:func:`check_init_from`) and read when ``fit`` starts a new
-  EMA (:func:`start_from`): any layout :mod:`lightning_ema.formats` reads, names matched by :func:`match_names`.
+- ``init_from`` is checked when the callback is made (:func:`check_init_from`) and applied when ``fit`` starts a
+  new EMA (:func:`start_from`); :mod:`lightning_ema._init_from` reads its tensors and matches their names.
 - An EMA started from the weights is checked against the run's length (:func:`warn_if_stale`): a decay too slow
   for it leaves the EMA at the end of ``fit`` mostly the initial weights.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_ema._init_from import initial_ema, match_names
 from lightning_ema.ema import EMA, EMAConfig
-from lightning_ema.formats import initial_ema, match_names
 
 __all__ = ["InitFrom", "check_init_from", "start_from", "warn_if_stale"]
 
