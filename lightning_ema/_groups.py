@@ -160,6 +160,7 @@ class Storage:
                 self._prepare(group, targets is not None)
         self._staged: list[Any] = []
         self._readback: tuple[Tensor, Tensor] | None = None
+        #: Where updates are issued (``side.issuing()``) and what reads of the EMA wait for (``side.wait()``).
         self.side = SideStream()
         self.set_side_stream(side_stream)
 
