@@ -1,8 +1,9 @@
 """``MeanTeacherModule``: a LightningModule base whose ``teacher`` is the EMA of its ``student``.
 
 The EMA math and the step policy are :class:`~lightning_ema.EMA`'s, created with the teacher as its target, so
-that the teacher's own tensors are the averages and nothing else is allocated. This module only
-adds the Lightning hooks and the rules that keep the teacher out of optimizers.
+that the teacher's own tensors are the averages and nothing else is allocated. This module only adds the Lightning
+hooks and the rules that keep the teacher out of optimizers; the teacher's EMA and bookkeeping are in ``_teacher``,
+the callback that restores the student after an exception and checks that the hooks ran in ``_teacher_guard``.
 """
 
 from __future__ import annotations
