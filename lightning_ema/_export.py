@@ -1,20 +1,76 @@
 """Writing exported EMA weights: a plain state dict (safetensors or ``torch.save``), or timm's or diffusers' layout.
 
-Every file is written under a temporary name next to its destination and renamed into place once complete
-(:func:`~lightning_ema._files.write_atomically`), so a failed write leaves the destination as it was.
+:func:`to_timm` and :func:`to_diffusers` build those two layouts in memory (public in :mod:`lightning_ema.formats`);
+:func:`write_export` writes any of the three. Every file is written under a temporary name next to its destination
+and renamed into place once complete (:func:`~lightning_ema._files.write_atomically`), so a failed write leaves the
+destination as it was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_ema._files import write_atomically
 
-__all__ = ["write_export"]
+__all__ = ["looks_like_buffer", "to_diffusers", "to_timm", "write_export"]
+
+
+def looks_like_buffer(name: str, tensor: Tensor) -> bool:
+    """Whether a tensor of a saved state dict is a buffer by its name alone (BatchNorm statistics, integers)."""
+    return not tensor.is_floating_point() or name.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+
+
+def to_timm(weights: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Return timm's checkpoint layout for an exported EMA: the EMA under ``state_dict_ema`` and ``state_dict``.
+
+    ``timm.models.load_checkpoint(model, path, use_ema=True)`` reads ``state_dict_ema``; the same tensors under
+    ``state_dict`` make ``use_ema=False`` (and ``timm.create_model(..., checkpoint_path=path)``) load the EMA too,
+    which is what an export for inference is for.
+    """
+    return {"state_dict": dict(weights), "state_dict_ema": dict(weights)}
+
+
+def to_diffusers(
+    weights: Mapping[str, Tensor],
+    *,
+    step: int | None = None,
+    parameter_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Return diffusers' ``EMAModel.state_dict()`` layout: ``shadow_params`` in parameter order.
+
+    Args:
+        weights: the EMA by name, in the model's ``state_dict`` order.
+        step: saved as ``optimization_step`` if given; the other settings (``decay``, warm-up) are left out, so
+            that ``EMAModel.load_state_dict`` keeps the ones the ``EMAModel`` was created with.
+        parameter_names: the model's parameter names in ``named_parameters()`` order; ``None`` takes every
+            tensor of ``weights`` that :func:`looks_like_buffer` does not flag, in order, tied duplicates once.
+
+    Raises:
+        ValueError: if a parameter name is not in ``weights``.
+    """
+    if parameter_names is None:
+        seen: set[tuple[int, int]] = set()
+        names = []
+        for name, tensor in weights.items():
+            identity = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
+            if looks_like_buffer(name, tensor) or identity in seen:
+                continue
+            seen.add(identity)
+            names.append(name)
+    else:
+        names = list(parameter_names)
+        missing = [name for name in names if name not in weights]
+        if missing:
+            raise ValueError(f"`parameter_names` must name tensors of the EMA; not in it: {missing[:5]}.")
+    state: dict[str, Any] = {"shadow_params": [weights[name] for name in names]}
+    if step is not None:
+        state["optimization_step"] = int(step)
+    return state
 
 
 def write_export(
@@ -39,8 +95,6 @@ def write_export(
         OSError: if writing fails; ``output`` is left as it was.
     """
     if to != "state_dict":
-        from lightning_ema.formats import to_diffusers, to_timm
-
         if output.suffix == ".safetensors":
             raise ValueError(f"`to={to!r}` writes a torch.save file; choose an output name not ending in .safetensors.")
         if to == "timm":

@@ -5,6 +5,8 @@ own message is often about the wrong thing (``[Errno 22] Invalid argument`` for 
 an empty one, "pass weights_only=False" for a file that is not a checkpoint at all). :func:`load_file` looks at the
 file first and says what it is: empty, truncated, a safetensors file, not a checkpoint, or a checkpoint that holds
 an object ``torch.load`` refuses for safety, the only case where ``weights_only=False`` can help.
+:func:`allowed_globals` names the one class besides tensors and plain values that checkpoints may rebuild, and a
+:class:`LoadedCheckpoint` is a loaded file that remembers its path.
 
 Exports are written by :func:`write_atomically`: into a temporary file in the destination's folder, renamed over
 the destination only once complete, so that a failed write (a full disk) leaves the destination as it was.
@@ -13,20 +15,22 @@ the destination only once complete, so that a failed write (a full disk) leaves 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import pickle
 import re
 import secrets
 import struct
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["load_file", "refuse_same_file", "write_atomically"]
+__all__ = ["LoadedCheckpoint", "allowed_globals", "load_file", "refuse_same_file", "write_atomically"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _UNSAFE_HINT = "If you trust the file, pass weights_only=False (on the command line: --unsafe-load)."
@@ -38,6 +42,8 @@ _REFUSED_OBJECT = re.compile(
     r"|Can only (?:build|create new object)[^\n]*|\S+ must be \S+ to load)"
 )
 _BLOCKED_MODULE = re.compile(r"whose module (\S+) is blocked")
+#: Classes that ``weights_only=True`` may rebuild here besides tensors and plain values: they hold attributes only.
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def _kind_of(head: bytes, size: int) -> str | None:
@@ -121,6 +127,21 @@ def load_file(path: Path, *, weights_only: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:
         raise _explain(path, kind, head, error, weights_only) from error
+
+
+@contextlib.contextmanager
+def allowed_globals() -> Iterator[None]:
+    """Let ``torch.load(weights_only=True)`` rebuild ``argparse.Namespace`` (timm saves its arguments as one)."""
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        yield
+
+
+class LoadedCheckpoint(dict[str, Any]):
+    """A checkpoint already loaded from ``path`` (NeMo's layout needs the path to find its second file)."""
+
+    def __init__(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+        super().__init__(checkpoint)
+        self.path = path
 
 
 def refuse_same_file(checkpoint: Path, output: Path) -> None:

@@ -6,18 +6,16 @@ The EMA belongs to one module object, one run and one step count:
   previous ``fit`` of the same module; ``fit(ckpt_path=...)`` continues the checkpoint's EMA.
 - ``validate``/``test``/``predict`` with ``ckpt_path`` evaluate that checkpoint's EMA; without it, the EMA of the
   very module being evaluated, or, for any other module, that module's own weights (with one warning).
+- A new EMA starts from the weights or from ``init_from`` (:mod:`lightning_ema._new_ema`); a checkpoint's EMA state
+  (or a Lightning ``EMAWeightAveraging`` average, :mod:`lightning_ema._lightning_average`) is kept until it is bound.
 - Spawn launchers hand the EMA back to the main process (:mod:`lightning_ema._handover`).
 - Before each evaluation and at each epoch start the EMA re-pairs by name with tensors that were replaced.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import weakref
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,17 +23,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ema._handover import SpawnHandover
+from lightning_ema._new_ema import InitFrom, start_from, warn_if_stale
 from lightning_ema._state_validation import FORMAT, VERSION
 from lightning_ema.ema import EMA, EMAConfig
 from lightning_ema.errors import EMAStateError
-from lightning_ema.formats import initial_ema, match_names
 
-__all__ = ["EMALifecycle", "check_init_from"]
-
-#: Above this share of the initial weights left in the EMA at the end of ``fit``, the callback warns.
-_STALE_SHARE = 0.5
-
-InitFrom = str | os.PathLike[str] | Mapping[str, Any] | None
+__all__ = ["EMALifecycle"]
 
 
 @dataclass
@@ -212,9 +205,9 @@ class EMALifecycle:
             return None
         ema = EMA.from_config(module, self.config, step=trainer.global_step)
         if self.init_from is not None:
-            _start_from(ema, self.init_from, trainer.global_step)
+            start_from(ema, self.init_from, trainer.global_step)
         elif trainer.state.fn == "fit":
-            self._warn_if_stale(trainer)
+            warn_if_stale(trainer, self.config)
         return ema
 
     def create_lazily(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -256,29 +249,6 @@ class EMALifecycle:
         self.handover.write(state, ema.raw_state_dict())
 
     # ------------------------------------------------------------------ what is said
-    def _warn_if_stale(self, trainer: pl.Trainer) -> None:
-        """Warn if, at the end of this run, the EMA would still be mostly the weights it starts from."""
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if total is None:
-            try:
-                estimated = trainer.estimated_stepping_batches
-            except Exception:  # no estimate (an iterable without length): nothing to warn about
-                return
-            if not math.isfinite(estimated):
-                return
-            total = int(estimated)
-        shares = self.config.policy.share_left(trainer.global_step, total)
-        for schedule, share in zip(self.config.schedules, shares or (), strict=False):
-            if share > _STALE_SHARE:
-                rank_zero_warn(
-                    f"EMACallback: with {schedule!r}, the EMA at the end of this run ({total} optimizer steps) is "
-                    f"still {share:.0%} the initial weights, so evaluating and saving it mostly shows untrained "
-                    "weights. Use a smaller decay (time constant 1/(1-decay) well below the run's length) or a "
-                    "warm-up schedule such as `WarmupDecay`.",
-                    category=UserWarning,
-                )
-                return
-
     def explain_raw_evaluation(self, trainer: pl.Trainer) -> None:
         """Say once why this run evaluates the module's own weights, and how to evaluate a checkpoint's EMA."""
         fn = self.run.fn or "evaluation"
@@ -295,72 +265,3 @@ class EMALifecycle:
             f"EMACallback: this {fn} run evaluates the module's own (raw) weights: {detail}. To evaluate a "
             f"checkpoint's EMA, pass its path: `trainer.{fn}(model, ckpt_path=...)`.",
         )
-
-    # ------------------------------------------------------------------ other libraries' checkpoints
-    def take_lightning_average(self, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Continue from a Lightning ``EMAWeightAveraging`` checkpoint: raw weights back in, its average as the EMA.
-
-        Lightning has loaded ``checkpoint["state_dict"]``, which that callback fills with the average, into the
-        module; the raw weights are in ``current_model_state``.
-        """
-        module.load_state_dict(checkpoint["current_model_state"])
-        weights = match_names(checkpoint["state_dict"], tracked_names(module, self.config))
-        averaged = (checkpoint.get("averaging_state") or {}).get("n_averaged")
-        num_updates = int(averaged.item()) if isinstance(averaged, Tensor) and averaged.numel() == 1 else 0
-        step = int(checkpoint.get("global_step") or 0)
-        latest = [
-            state["latest_update_step"]
-            for state in (checkpoint.get("callbacks") or {}).values()
-            if isinstance(state, Mapping) and isinstance(state.get("latest_update_step"), int)
-        ]
-        last = min(latest[0], step) if latest else step
-        rank_zero_info(
-            "EMACallback: the checkpoint was written by Lightning's EMAWeightAveraging; the module gets the raw "
-            "weights from `current_model_state` and the EMA starts from its average (`state_dict`)."
-        )
-        self.loaded(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "config": self.config.describe(),
-                "num_updates": num_updates,
-                "last_update_step": last,
-                "step": step,
-                "emas": [dict(weights) for _ in self.config.schedules],
-            }
-        )
-
-
-def check_init_from(value: Any) -> InitFrom:
-    """Return ``init_from`` if it is ``None``, a mapping or the path of an existing file or folder."""
-    if value is None or isinstance(value, Mapping):
-        return value
-    if isinstance(value, (str, os.PathLike)) and Path(value).exists():
-        return value
-    raise ValueError(
-        "`init_from` must be None, a checkpoint or state dict, or the path of an existing checkpoint file, "
-        f"got {value!r}."
-    )
-
-
-def tracked_names(module: nn.Module, config: EMAConfig) -> list[str]:
-    """The ``state_dict`` names an EMA with ``config`` tracks in ``module`` (no tensor is allocated)."""
-    from lightning_ema._selection import select
-
-    selected = select(
-        module,
-        include=config.include,
-        exclude=config.exclude,
-        buffers=config.buffers,
-        integer_buffers=config.integer_buffers,
-    )
-    return [name for item in selected for name in item.names]
-
-
-def _start_from(ema: EMA, source: str | os.PathLike[str] | Mapping[str, Any], step: int) -> None:
-    """Replace a new EMA's tensors by those of ``source`` (any readable layout); buffers it lacks stay as they are."""
-    current = {k: ema.ema_state_dict(k) for k in range(ema.num_emas)}
-    buffers = set(ema.module.state_dict()) - {name for name, _ in ema.module.named_parameters(remove_duplicate=False)}
-    weights = match_names(initial_ema(source, ema.module), list(current[0]), optional=sorted(buffers))
-    emas = [{name: weights.get(name, tensor) for name, tensor in current[k].items()} for k in range(ema.num_emas)]
-    ema.load_state_dict({"num_updates": 0, "last_update_step": step, "step": step, "emas": emas})

@@ -39,11 +39,13 @@ from torch import Tensor, nn
 
 from lightning_ema._checkpoint_folders import SHARD_PREFIX, load_distributed_checkpoint, load_sharded_ema, shard_key
 from lightning_ema._export import write_export
-from lightning_ema._files import load_file, refuse_same_file
+from lightning_ema._files import LoadedCheckpoint, allowed_globals, load_file, refuse_same_file
+from lightning_ema._foreign import read_foreign
 from lightning_ema._state_keys import config_changes, find_state_key, normalize_state_key
 from lightning_ema._state_validation import FORMAT, VERSION, check_ema_state, check_tensors
+from lightning_ema._validate import check_choice
 from lightning_ema.errors import EMAStateError
-from lightning_ema.schedules import normalize_repr
+from lightning_ema.schedules import as_schedule, normalize_repr
 
 __all__ = [
     "FORMAT",
@@ -92,8 +94,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
     path = Path(path)
     if path.is_dir():
         return load_distributed_checkpoint(path, weights_only=weights_only)
-    from lightning_ema.formats import allowed_globals
-
     with allowed_globals():  # argparse.Namespace: timm's training checkpoints hold their `args` as one
         checkpoint = load_file(path, weights_only=weights_only)
     if not isinstance(checkpoint, dict):
@@ -167,8 +167,6 @@ def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapp
     if index is not None and decay is not None:
         raise ValueError(f"Pass `index` or `decay`, not both; got index={index!r} and decay={decay!r}.")
     if decay is not None:
-        from lightning_ema.schedules import as_schedule
-
         wanted = repr(as_schedule(decay))
         normalized = [normalize_repr(saved) for saved in decays]
         if wanted not in normalized:
@@ -181,14 +179,6 @@ def _select_ema(state: Mapping[str, Any], index: int | None, decay: Any) -> Mapp
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(emas):
         raise ValueError(f"`index` must be an integer in [0, {len(emas)}) for the EMAs {decays}, got {index!r}.")
     return emas[index]
-
-
-class _Loaded(dict[str, Any]):
-    """A checkpoint already loaded from ``path`` (NeMo's layout needs the path to find its second file)."""
-
-    def __init__(self, checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-        super().__init__(checkpoint)
-        self.path = path
 
 
 def load_ema_state_dict(
@@ -240,7 +230,7 @@ def load_ema_state_dict(
         checkpoint: Mapping[str, Any] = path_or_checkpoint
     else:
         checkpoint = load_checkpoint(path_or_checkpoint, weights_only=weights_only)
-    path = path_or_checkpoint.path if isinstance(path_or_checkpoint, _Loaded) else None
+    path = path_or_checkpoint.path if isinstance(path_or_checkpoint, LoadedCheckpoint) else None
     if not isinstance(path_or_checkpoint, Mapping):
         path = path_or_checkpoint
     weights = _without_compile_wrappers(
@@ -281,8 +271,6 @@ def _ema_weights(
     """The EMA weights of a loaded checkpoint: this package's layout, or another library's (:mod:`.formats`)."""
     states = ema_states(checkpoint)
     if format not in (None, FORMAT) or (format is None and not states):
-        from lightning_ema.formats import read_foreign
-
         if state_key is not None or index is not None or decay is not None:
             raise ValueError(
                 "`state_key`, `index` and `decay` choose among lightning-ema's EMA states; this checkpoint holds "
@@ -331,14 +319,12 @@ def export_ema(
             file inside a checkpoint folder), a folder, or anything :func:`load_ema_state_dict` raises for.
         OSError: if writing fails; ``output_path`` is left as it was.
     """
-    from lightning_ema._validate import check_choice
-
     to = check_choice("to", to, ("state_dict", "timm", "diffusers"))
     source, output = Path(checkpoint_path), Path(output_path)
     refuse_same_file(source, output)
     checkpoint = load_checkpoint(source, weights_only=weights_only)
     weights = load_ema_state_dict(
-        _Loaded(checkpoint, checkpoint_path),
+        LoadedCheckpoint(checkpoint, checkpoint_path),
         state_key=state_key,
         index=index,
         decay=decay,

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import ddp_worker
 import pytest
 import torch
+from launch import load_ranks, run_worker
 from support import TinyClassifier, assert_close_to_reference, constant_decay, reference_ema
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 WORKER = Path(ddp_worker.__file__)
-
-
-def load_ranks(out: Path) -> list[dict]:
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
 def check_ranks(out: Path) -> list[dict]:
@@ -43,16 +37,7 @@ def check_ranks(out: Path) -> list[dict]:
 
 
 def run_script(strategy: str, out: Path, *extra: str) -> None:
-    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, str(WORKER), strategy, str(out), *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_worker(WORKER, strategy, str(out), *extra, timeout=240)
 
 
 def test_ddp_fork_ranks_hold_identical_ema_equal_to_reference(tmp_path: Path) -> None:

@@ -9,15 +9,13 @@ against the reference of the full weights gathered after each step. Both resume 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import ddp_worker
 import pytest
 import torch
+from launch import load_ranks, run_worker
 from support import assert_close_to_reference, constant_decay, reference_ema
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
@@ -27,17 +25,8 @@ STEPS_PER_EPOCH = 4  # 64 samples, 2 ranks, batch 8
 
 
 def run(strategy: str, out: Path, *args: str) -> list[dict[str, Any]]:
-    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, str(WORKER), strategy, str(out), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    run_worker(WORKER, strategy, str(out), *args, timeout=300)
+    return load_ranks(out)
 
 
 def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -56,7 +45,7 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 def test_fabric_ddp_gives_every_rank_the_trainers_ema_bit_for_bit(ddp: list[dict[str, Any]], tmp_path: Path) -> None:
     ddp_worker.run("ddp_fork", tmp_path, max_epochs=EPOCHS)  # the Trainer with EMACallback, same trajectory
-    trainer = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    trainer = load_ranks(tmp_path)
     for rank in (0, 1):
         assert ddp[rank]["world_size"] == 2
         assert ddp[rank]["num_updates"] == trainer[rank]["num_updates"] == EPOCHS * STEPS_PER_EPOCH // 2

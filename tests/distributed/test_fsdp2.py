@@ -6,15 +6,13 @@ after each step, sliced as FSDP2 shards dim 0 (``torch.chunk`` over the ranks, e
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import load_ranks, run_worker
 from support import constant_decay, reference_ema
 
 from lightning_ema import load_ema_state_dict
@@ -28,13 +26,8 @@ STEPS_PER_EPOCH = 4  # 64 samples, 2 ranks, batch 8
 
 
 def run(out: Path, *args: str) -> list[dict]:
-    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, str(WORKER), str(out), *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    run_worker(WORKER, str(out), *args, timeout=300)
+    return load_ranks(out)
 
 
 def expected_shard(full: torch.Tensor, rank: int) -> torch.Tensor:

@@ -3,14 +3,12 @@ synthesis puts together in this process. Checked against a plain-loop power-func
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launch import load_ranks, run_worker
 from support import assert_close_to_reference, reference_ema
 
 from lightning_ema.posthoc import list_snapshots, read_snapshot, synthesize
@@ -28,13 +26,8 @@ def karras(sigma_rel: float):  # type: ignore[no-untyped-def]
 
 
 def run(mode: str, out: Path) -> list[dict]:
-    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(out)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    run_worker(WORKER, mode, str(out), timeout=300)
+    return load_ranks(out)
 
 
 def expected_at(state: dict, step: int, sigma_rel: float) -> dict[str, torch.Tensor]:
