@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_ema.callback import EMACallback
+from lightning_ema._posthoc_evaluation import swaps_own_ema
 from lightning_ema.posthoc import DEFAULT_MAX_ERROR, synthesis_plan, synthesize_many
 
 __all__ = ["sweep"]
@@ -57,8 +57,7 @@ def sweep(
     swapping = [
         type(callback).__name__
         for callback in trainer.callbacks  # type: ignore[attr-defined]
-        if isinstance(callback, EMACallback)
-        and (callback.evaluate != "raw" or getattr(callback, "evaluate_sigma_rel", None) is not None)
+        if swaps_own_ema(callback)
     ]
     if swapping:
         raise ValueError(

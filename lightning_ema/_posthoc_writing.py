@@ -1,29 +1,32 @@
-"""What ``PostHocEMA`` puts in its snapshot folder and moves out of it, and the checks of its own arguments.
+"""What ``PostHocEMA`` puts in its snapshot folder and moves out of it.
 
-Plain torch (no Lightning): which tensors one rank writes and where its shards sit, and which later snapshots a
-resumed run moves into ``superseded/``. The file format itself is in ``_snapshots``.
+Plain torch (no Lightning): which tensors one rank writes and where its shards sit, the file of one rank's snapshot,
+and which later snapshots a resumed run moves into ``superseded/``. The file format itself is in ``_snapshots``.
 """
 
 from __future__ import annotations
 
-import numbers
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from lightning_ema._snapshots import SUPERSEDED, parse_snapshot_filename, shard_region
-from lightning_ema._validate import check_choice
-from lightning_ema.schedules import KarrasDecay
+from lightning_ema._snapshots import (
+    SUPERSEDED,
+    parse_snapshot_filename,
+    shard_region,
+    snapshot_filename,
+    write_snapshot,
+)
 from lightning_ema.sharding import is_sharded, reshard_all
+
+__all__ = ["Region", "SnapshotSource", "shard_regions", "snapshot_tensors", "supersede_after", "write_rank_snapshot"]
 
 #: A DTensor's global shape, the offset of this rank's shard in it, and whether this rank saves that shard.
 Region = tuple[tuple[int, ...], tuple[int, ...], bool]
-
-FILE_FORMATS = ("auto", "safetensors", "torch")
 
 
 def shard_regions(module: nn.Module) -> dict[str, Region] | None:
@@ -70,6 +73,64 @@ def snapshot_tensors(
     return emas, shards
 
 
+class SnapshotSource(Protocol):
+    """What a snapshot is written from: the EMAs of a ``PostHocEMA`` and the settings of its snapshots."""
+
+    #: the tracked widths, one per EMA.
+    sigma_rels: tuple[float, ...]
+    #: the power-function exponent of each EMA.
+    gammas: tuple[float, ...]
+    #: the dtype floating tensors are written in; ``None`` keeps theirs.
+    snapshot_dtype: torch.dtype | None
+    #: ``"safetensors"`` or ``"torch"``.
+    file_format: str
+
+    def ema_state_dict(self, index: int = 0) -> dict[str, Tensor]:
+        """The ``state_dict``-named tensors of EMA ``index``."""
+        ...
+
+
+def write_rank_snapshot(
+    source: SnapshotSource, folder: Path, step: int, module: nn.Module, *, rank: int, world_size: int
+) -> None:
+    """Write this rank's snapshot of the EMAs of ``module`` at ``step`` into ``folder``.
+
+    Without DTensors every rank holds the same EMAs and rank 0 writes them; under FSDP2 every rank writes its own
+    shards (``step-0000001000.rank1-of-2.pt``), with nothing gathered.
+
+    Args:
+        source: the EMAs and the settings of the snapshot.
+        folder: the snapshot folder.
+        step: the optimizer step the EMAs are as of.
+        module: the LightningModule whose EMAs these are (its DTensors give the shard layout).
+        rank: this process's global rank.
+        world_size: the number of processes.
+    """
+    regions = shard_regions(module)
+    if regions is None and rank != 0:
+        return  # DDP: every rank holds the same EMAs; rank 0 writes them
+    file_rank = None if regions is None else rank
+    file_world_size = None if regions is None else world_size
+    emas, shards = snapshot_tensors(
+        source.ema_state_dict,
+        len(source.sigma_rels),
+        regions=regions,
+        rank=file_rank,
+        snapshot_dtype=source.snapshot_dtype,
+    )
+    name = snapshot_filename(step, rank=file_rank, world_size=file_world_size, file_format=source.file_format)
+    write_snapshot(
+        folder / name,
+        step=step,
+        sigma_rels=source.sigma_rels,
+        gammas=source.gammas,
+        emas=emas,
+        shards=shards,
+        rank=file_rank,
+        world_size=file_world_size,
+    )
+
+
 def supersede_after(folder: Path, step: int, *, rank: int, world_size: int, sharded: bool) -> list[str]:
     """Move the snapshot files of steps after ``step`` that ``rank`` is responsible for into ``superseded/``.
 
@@ -89,33 +150,3 @@ def supersede_after(folder: Path, step: int, *, rank: int, world_size: int, shar
             shutil.move(str(file), str(target))
             moved.append(file.name)
     return moved
-
-
-def check_sigma_rels(value: Any) -> tuple[float, ...]:
-    items = [value] if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
-    what = "a float or a non-empty list of distinct floats in (0, sqrt(1/12)] ~ (0, 0.2887]"
-    if not isinstance(items, Sequence) or isinstance(items, str) or not items:
-        raise ValueError(f"`sigma_rels` must be {what}, got {value!r}.")
-    result = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, numbers.Real):
-            raise ValueError(f"`sigma_rels` must be {what}, got {value!r}.")
-        KarrasDecay(sigma_rel=float(item))  # raises naming `sigma_rel` and the value
-        result.append(float(item))
-    if len(set(result)) != len(result):
-        raise ValueError(f"`sigma_rels` must be {what}, got {value!r} (a value repeats).")
-    return tuple(result)
-
-
-def resolve_file_format(value: Any) -> str:
-    choice = check_choice("file_format", value, FILE_FORMATS)
-    try:
-        import safetensors.torch  # noqa: F401
-    except ImportError:
-        if choice == "safetensors":
-            raise ValueError(
-                "`file_format` must be 'torch' or 'auto' without the safetensors package, got 'safetensors'. "
-                "pip install safetensors."
-            ) from None
-        return "torch"
-    return "safetensors" if choice == "auto" else choice

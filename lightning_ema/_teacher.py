@@ -29,6 +29,7 @@ __all__ = [
     "check_optimizers",
     "frozen_copy",
     "keep_student_weights",
+    "require_teacher",
     "restore_counters",
     "restore_modes",
     "saved_counters",
@@ -47,6 +48,17 @@ def frozen_copy(student: nn.Module, training: bool) -> nn.Module:
         parameter.requires_grad_(False)
         parameter.grad = None
     teacher.train(training)
+    return teacher
+
+
+def require_teacher(modules: Mapping[str, nn.Module | None], owner: str) -> nn.Module:
+    """Return ``modules["teacher"]``, or raise a ``RuntimeError`` saying that ``owner`` was given no student."""
+    teacher = modules.get("teacher")
+    if teacher is None:
+        raise RuntimeError(
+            f"{owner} has no student: assign `self.student = ...` in `__init__` after "
+            "`super().__init__(...)`; the teacher is created from it."
+        )
     return teacher
 
 
@@ -201,6 +213,12 @@ class TeacherRun:
         """Whether the teacher's weights are in the student."""
         return self.ema is not None and self.ema.is_swapped
 
+    def forget_student(self) -> None:
+        """Drop the EMA of a student being replaced (the new one gets a new teacher); refuse while it is swapped."""
+        if self.swapped:
+            raise RuntimeError("Cannot replace the student while the teacher's weights are swapped into it.")
+        self.ema = None
+
     def bind(self, student: nn.Module, teacher: nn.Module, step: int) -> EMA:
         """Create the EMA, or re-pair it, and give it the counters restored from a checkpoint."""
         ema = self.ema = bound_ema(self.ema, student, teacher, self.config, step)
@@ -236,6 +254,12 @@ class TeacherRun:
         """Raise if a teacher update was missed or a swap was left in place (see :func:`check_hooks_ran`)."""
         check_hooks_ran(owner, swapped=self.swapped, seen_step=self.seen_step, global_step=global_step, where=where)
 
+    def begin_evaluation(self, ema: EMA, swap_in: bool) -> None:
+        """Give every rank rank 0's teacher buffers and put the teacher's weights into the student (if ``swap_in``)."""
+        ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
+        if swap_in:
+            ema.swap_in()
+
     def end_evaluation(self, module: nn.Module, swapped_in: bool) -> None:
         """Give the student its own weights back (if ``swapped_in``) and restore the captured modes."""
         if swapped_in and self.ema is not None:
@@ -255,6 +279,15 @@ class TeacherRun:
         if ema is not None:
             keep_student_weights(checkpoint, ema)
 
-    def take_counters(self, state: Mapping[str, Any]) -> None:
-        """Keep the counters of the teacher's checkpoint entry until the EMA is bound."""
+    def load(self, checkpoint: Mapping[str, Any]) -> str | None:
+        """Keep the counters of the teacher's checkpoint entry until the EMA is bound.
+
+        Returns:
+            How the configuration saved with the entry differs from this one; ``None`` if it does not, or if
+            ``checkpoint`` has no entry.
+        """
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if not isinstance(state, dict):
+            return None
         self.restored_counters = (int(state["num_updates"]), int(state["last_update_step"]))
+        return changed_settings(state, self.config)

@@ -1,8 +1,9 @@
 """``MeanTeacherModule``: a LightningModule base whose ``teacher`` is the EMA of its ``student``.
 
 The EMA math and the step policy are :class:`~lightning_ema.EMA`'s, created with the teacher as its target, so
-that the teacher's own tensors are the averages and nothing else is allocated. This module only
-adds the Lightning hooks and the rules that keep the teacher out of optimizers.
+that the teacher's own tensors are the averages and nothing else is allocated. This module only adds the Lightning
+hooks and the rules that keep the teacher out of optimizers; the teacher's EMA and bookkeeping are in ``_teacher``,
+the callback that restores the student after an exception and checks that the hooks ran in ``_teacher_guard``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import Self, override
 
 from lightning_ema import _teacher
-from lightning_ema._teacher import CHECKPOINT_KEY
+from lightning_ema._teacher_guard import attach_guard
 from lightning_ema._validate import check_bool, check_choice
 from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
 from lightning_ema.schedules import (
@@ -56,64 +56,33 @@ torch.serialization.add_safe_globals(
 class MeanTeacherModule(pl.LightningModule):
     """A LightningModule whose ``teacher`` is an exponential moving average of its ``student``.
 
-    Mean Teacher (Tarvainen & Valpola, 2017) and momentum encoders (BYOL, DINO) train a student and use an EMA
-    of it, the teacher, for targets and for evaluation. A subclass assigns ``self.student`` in ``__init__``;
-    the assignment creates ``self.teacher`` at once, a deep copy of the student that is:
-
-    - a registered submodule, so ``state_dict()`` holds ``student.*`` and ``teacher.*``, and checkpoints,
-      ``load_from_checkpoint`` and ``trainer.fit(ckpt_path=...)`` restore both; the teacher comes from the
-      checkpoint, never again from the student;
-    - frozen: its parameters have ``requires_grad=False``, and it is kept out of optimizers twice over.
-      ``self.parameters()`` and ``self.named_parameters()`` of this module leave the teacher out (use
-      ``self.teacher.parameters()`` to reach it), so ``torch.optim.SGD(self.parameters(), ...)`` optimises
-      the student only, and ``freeze()``/``unfreeze()``/``requires_grad_()`` do not touch the teacher. When
-      training starts, an optimizer that holds a teacher parameter anyway raises a ``RuntimeError``;
-    - in eval mode (dropout off, BatchNorm using its running statistics) whatever Lightning or the user
-      does with ``train()``, unless ``teacher_mode="train"``, where it follows the module's mode;
-    - updated in ``on_train_batch_end`` after every optimizer step (gradient accumulation respected):
-      ``teacher = decay_t * teacher + (1 - decay_t) * student``, in place. The decay is logged as
-      ``teacher/decay``.
-
-    Validation and test run with the teacher's weights in the student (``evaluate="teacher"``), so that a
-    ``validation_step`` calling ``self.student(x)`` or ``self(x)`` evaluates the teacher. Where devices and
-    dtypes agree, the student's parameters are pointed at the teacher's storage (no copy); the student's own
-    weights come back bit-exactly afterwards, also after an exception, and checkpoints written meanwhile hold
-    the student's own weights under ``student.*``. ``self.teacher`` is the teacher throughout. Prediction runs
-    the student's own weights; call ``self.teacher`` in ``predict_step`` to predict with the teacher.
-
-    Overriding hooks: call ``super()`` in overrides of ``on_train_start``, ``on_train_batch_end``,
-    ``on_{validation,test}_model_{eval,train}``, ``on_save_checkpoint``, ``on_load_checkpoint`` and
-    ``train``. A missed teacher update or a swap left in place is detected and raises a ``RuntimeError``.
-
-    With an :class:`~lightning_ema.EMACallback` in the same Trainer, ``ema_exclude`` names the teacher's
-    tensors, which the callback leaves out of its own average. Only one of the two may decide what evaluation
-    sees: with ``evaluate="teacher"`` here, give the callback ``evaluate="raw"`` (the Trainer refuses the
-    combination otherwise); with ``evaluate="student"`` here, the callback may evaluate its EMA of the student.
-
-    The teacher has the student's dtype. With ``precision="bf16-true"`` or ``"16-true"`` most small updates
-    (``1 - decay`` well below 1e-2) round away; train with a mixed precision to keep the teacher in float32.
+    For Mean Teacher (Tarvainen & Valpola, 2017) and momentum encoders (BYOL, DINO). Assigning ``self.student`` in
+    ``__init__`` creates ``self.teacher``: a frozen deep copy, saved and restored with the module (``teacher.*``),
+    left out of ``self.parameters()`` and of optimizers, in eval mode unless ``teacher_mode="train"``, and updated
+    after every optimizer step: ``teacher = decay_t * teacher + (1 - decay_t) * student`` (logged as
+    ``teacher/decay``). Validation and test run with the teacher's weights in the student, so that ``self(x)``
+    evaluates the teacher; prediction runs the student. Overrides of ``on_train_start``, ``on_train_batch_end``,
+    ``on_{validation,test}_model_{eval,train}``, ``on_save_checkpoint``, ``on_load_checkpoint`` and ``train`` must
+    call ``super()``: a missed teacher update or a swap left in place raises a ``RuntimeError``. The README's "Mean
+    teacher" section has the details (checkpoints, evaluation, an ``EMACallback`` alongside, DDP, precision).
 
     Args:
         teacher_decay: a float in [0, 1) or a schedule from :mod:`lightning_ema.schedules`; the update after
             optimizer step ``t`` uses ``teacher_decay(t)``.
-        every_n_steps: update the teacher after every n-th optimizer step; an update covering n steps applies
-            the product of their n decays, so the teacher's time constant does not depend on n.
-        start_step: the first ``start_step`` optimizer steps copy the student into the teacher; averaging
-            starts with step ``start_step + 1``.
-        buffers: ``"average"`` the student's floating-point buffers into the teacher's (integer buffers such as
-            ``num_batches_tracked`` are copied), ``"copy"`` them, or ``"ignore"`` them (the teacher's buffers
-            then stay as they were when it was created, and evaluating the teacher uses the student's).
+        every_n_steps: update after every n-th optimizer step, applying the product of those n steps' decays.
+        start_step: the first ``start_step`` optimizer steps copy the student into the teacher.
+        buffers: ``"average"`` the student's floating-point buffers (integer ones are copied), ``"copy"`` or
+            ``"ignore"`` them (the teacher keeps the buffers it was created with; evaluating it uses the student's).
         teacher_mode: ``"eval"`` keeps the teacher in eval mode; ``"train"`` lets it follow the module's mode.
         evaluate: the weights validation and test run with: ``"teacher"`` or ``"student"``.
         nonfinite: an update meeting a NaN or infinite student weight raises
             :class:`~lightning_ema.NonFiniteUpdateError` (``"error"``), is skipped with a warning (``"skip"``),
             or is not checked (``"ignore"``).
         phase, count_from_start, decay_per, buffer_decay, integer_buffers: how updates are counted and applied,
-            as for :class:`~lightning_ema.EMA` (defaults: lightning-ema's own rule);
-            :func:`lightning_ema.compat.mean_teacher_hook_args` sets them to reproduce mmdet's ``MeanTeacherHook``.
-        copy_student_at_start: when ``fit`` starts at optimizer step 0, first copy the student's tracked tensors
-            into the teacher, so that student weights loaded after construction (a pretrained backbone) reach it
-            (mmdet's ``MeanTeacherHook`` does this at iteration 0).
+            as for :class:`~lightning_ema.EMA`; :func:`lightning_ema.compat.mean_teacher_hook_args` sets them to
+            reproduce mmdet's ``MeanTeacherHook``.
+        copy_student_at_start: when ``fit`` starts at optimizer step 0, first copy the student into the teacher,
+            so that student weights loaded after construction (a pretrained backbone) reach it, as mmdet does.
 
     Raises:
         ValueError: if an argument is invalid; the message names the argument and its value.
@@ -126,13 +95,9 @@ class MeanTeacherModule(pl.LightningModule):
                 self.student = Net()
 
             def training_step(self, batch, batch_idx):
-                x, y = batch
                 with torch.no_grad():
-                    target = self.teacher(x).softmax(dim=1)
-                return consistency_loss(self.student(x), target)
-
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.student.parameters(), lr=0.1)
+                    target = self.teacher(batch).softmax(dim=1)
+                return consistency_loss(self.student(batch), target)
     """
 
     #: ``state_dict`` patterns that an :class:`~lightning_ema.EMACallback` must not average: the teacher is
@@ -185,10 +150,8 @@ class MeanTeacherModule(pl.LightningModule):
                 "`teacher` is created from `student`: assign `self.student = ...` and the teacher follows."
             )
         if name == "student" and isinstance(value, nn.Module) and "_teacher_run" in self.__dict__:
-            if self._teacher_run.swapped:
-                raise RuntimeError("Cannot replace the student while the teacher's weights are swapped into it.")
+            self._teacher_run.forget_student()
             super().__setattr__(name, value)
-            self._teacher_run.ema = None
             super().__setattr__("teacher", _teacher.frozen_copy(value, self._teacher_training(self.training)))
             return
         super().__setattr__(name, value)
@@ -196,14 +159,10 @@ class MeanTeacherModule(pl.LightningModule):
     def _teacher_training(self, module_training: bool) -> bool:
         return module_training and self.teacher_mode == "train"
 
-    def _require_teacher(self) -> nn.Module:
+    def _put_teacher_in_mode(self) -> None:
         teacher = self._modules.get("teacher")
-        if teacher is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no student: assign `self.student = ...` in `__init__` after "
-                "`super().__init__(...)`; the teacher is created from it."
-            )
-        return teacher
+        if teacher is not None:
+            teacher.train(self._teacher_training(self.training))
 
     @property
     def teacher_schedule(self) -> DecaySchedule:
@@ -236,29 +195,21 @@ class MeanTeacherModule(pl.LightningModule):
     def train(self, mode: bool = True) -> Self:
         """Set the training mode; the teacher stays in eval mode unless ``teacher_mode="train"``."""
         super().train(mode)
-        teacher = self._modules.get("teacher")
-        if teacher is not None:
-            teacher.train(self._teacher_training(mode))
+        self._put_teacher_in_mode()
         return self
 
     # ------------------------------------------------------------------ binding and checks
     def _ensure_bound(self) -> EMA:
         """Create the teacher's EMA (the teacher is its storage), or re-pair it after a device move or load."""
-        teacher = self._require_teacher()
+        teacher = _teacher.require_teacher(self._modules, type(self).__name__)
         ema = self._teacher_run.bind(self.student, teacher, self.trainer.global_step)
-        _attach_guard(self.trainer)
+        attach_guard(self.trainer)
         return ema
-
-    def _check_hooks_ran(self, where: str) -> None:
-        """Raise if a teacher update was missed or a swap was left in place (a hook overridden without super)."""
-        self._teacher_run.check_hooks_ran(type(self).__name__, self.trainer.global_step, where)
 
     def _restore_student(self) -> None:
         """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
         self._teacher_run.restore_student()
-        teacher = self._modules.get("teacher")
-        if teacher is not None:
-            teacher.train(self._teacher_training(self.training))
+        self._put_teacher_in_mode()
 
     # ------------------------------------------------------------------ training hooks
     @override
@@ -266,7 +217,7 @@ class MeanTeacherModule(pl.LightningModule):
         """Let the teacher's mode flag follow the module until training starts, so Lightning sees no eval module."""
         # Lightning warns about modules in eval mode right before `on_train_start`; the teacher's eval mode is
         # intended, so it is applied in `on_train_start` instead. The sanity check runs everything in eval mode.
-        teacher = self._require_teacher()
+        teacher = _teacher.require_teacher(self._modules, type(self).__name__)
         teacher.train(self.training)
 
     @override
@@ -275,8 +226,8 @@ class MeanTeacherModule(pl.LightningModule):
         ema = self._ensure_bound()
         if self.copy_student_at_start and self.trainer.global_step == 0:
             ema.copy_from_module()
-        _teacher.check_optimizers(self._require_teacher(), self.trainer.optimizers)
-        self._require_teacher().train(self._teacher_training(self.training))
+        _teacher.check_optimizers(self.teacher, self.trainer.optimizers)  # bound: the teacher exists
+        self._put_teacher_in_mode()
         self._teacher_run.seen_step = self.trainer.global_step
 
     @override
@@ -297,10 +248,7 @@ class MeanTeacherModule(pl.LightningModule):
         # it is here; so the modes are captured here and restored afterwards, the way Lightning does it.
         self._teacher_run.captured_modes = _teacher.capture_modes(self)
         set_eval_mode()
-        ema = self._ensure_bound()
-        ema.take_rank_zero_buffers()  # under DDP each rank averaged its own BatchNorm statistics
-        if self.evaluate == "teacher":
-            ema.swap_in()
+        self._teacher_run.begin_evaluation(self._ensure_bound(), swap_in=self.evaluate == "teacher")
 
     @override
     def on_validation_model_eval(self) -> None:
@@ -331,71 +279,10 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the teacher's counters (the teacher's weights come with the module's ``state_dict``)."""
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if not isinstance(state, dict):
-            return
-        details = _teacher.changed_settings(state, self._teacher_run.config)
+        details = self._teacher_run.load(checkpoint)
         if details:
             rank_zero_warn(
                 f"Loading a teacher saved with a different configuration ({details}); it continues with the new"
                 " settings.",
                 category=UserWarning,
             )
-        self._teacher_run.take_counters(state)
-
-
-class _MeanTeacherGuard(Callback):
-    """Restores the student after an exception and checks that the module's hooks ran.
-
-    A LightningModule has no ``on_exception`` hook, and its hooks can be overridden without ``super()``; a
-    callback has both covered. :class:`MeanTeacherModule` attaches one to its Trainer when it first binds.
-    """
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Raise if the previous optimizer step did not update the teacher or a swap was left in place."""
-        if isinstance(pl_module, MeanTeacherModule):
-            pl_module._check_hooks_ran("on_train_batch_start")
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raise if a teacher update was missed before validation, or the teacher should be in but is not."""
-        self._check_evaluation(trainer, pl_module, "validation")
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raise if the teacher should be in the student for testing but is not."""
-        self._check_evaluation(trainer, pl_module, "test")
-
-    @staticmethod
-    def _check_evaluation(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, MeanTeacherModule):
-            return
-        if stage == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
-            pl_module._check_hooks_ran(f"on_{stage}_start")
-        if pl_module.evaluate == "teacher" and not pl_module._teacher_run.swapped:
-            raise RuntimeError(
-                f"{type(pl_module).__name__}: {stage} should run with the teacher's weights but they are not in the "
-                f"student. An override of `on_{stage}_model_eval` must call super()."
-            )
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raise if the last optimizer steps did not update the teacher."""
-        if isinstance(pl_module, MeanTeacherModule):
-            pl_module._check_hooks_ran("on_train_end")
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Give the student its own weights back before anything else looks at the module."""
-        if isinstance(pl_module, MeanTeacherModule):
-            pl_module._restore_student()
-
-
-def _attach_guard(trainer: pl.Trainer) -> None:
-    """Give ``trainer`` a :class:`_MeanTeacherGuard` unless it has one."""
-    if not any(isinstance(callback, _MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
-        # Attached here rather than through `configure_callbacks`, which subclasses often override.
-        trainer.callbacks.append(_MeanTeacherGuard())  # type: ignore[attr-defined]
