@@ -97,7 +97,8 @@ def lerp_(ema: list[Tensor], weights: list[Tensor], weight: float) -> None:
 
     One fused ``torch._foreach_lerp_``. ``lerp`` refuses mixed dtypes (a float32 EMA of bfloat16 weights), so
     such weights are first widened (exactly) to the EMA's dtype; :class:`lightning_ema._groups.Storage` does that
-    block by block into a buffer that stays in cache, so that the EMA is still read and written once.
+    block by block (:class:`lightning_ema._blocks.Block`) into a buffer that stays in cache, so that the EMA is
+    still read and written once.
 
     Args:
         ema: EMA tensors, all on one device.

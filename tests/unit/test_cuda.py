@@ -117,7 +117,7 @@ def test_side_stream_update_is_seen_by_a_read_right_after_it() -> None:
     net = make_net()
     model_ema = EMA(net, decay=0.5)
     model_ema.use_side_stream()
-    assert model_ema._storage.stream is not None
+    assert model_ema._storage.side.stream is not None
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     states = [snapshot(net)]
     x = torch.randn(512, 64, device="cuda")

@@ -140,9 +140,9 @@ def test_bad_decay_lists(decay: list[float]) -> None:
 @pytest.mark.parametrize("block_bytes", [40, 100, 1 << 30])
 def test_cache_blocked_update_equals_the_plain_loop(monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
     """Blocks smaller than a tensor split it into flat chunks; blocks larger than several tensors join them."""
-    import lightning_ema._groups as groups_module
+    import lightning_ema._blocks as blocks_module
 
-    monkeypatch.setattr(groups_module, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(blocks_module, "BLOCK_BYTES", block_bytes)
     module = make_module()
     model_ema = EMA(module, [0.5, 0.9, 0.99], every_n_steps=1)
     groups = [group for group in model_ema._storage.groups if group.blocks]

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-import lightning_ema._groups as groups_module
+import lightning_ema._blocks as blocks_module
+import lightning_ema._screen as screen_module
 from lightning_ema import EMA, NonFiniteUpdateError
 from lightning_ema._groups import forced_path
 from lightning_ema.schedules import WarmupDecay
@@ -92,12 +93,13 @@ def test_host_refused_update_leaves_every_bit(
     monkeypatch: pytest.MonkeyPatch, small_bytes: int, where: str, nonfinite: str
 ) -> None:
     """Small tensors are screened together, concatenated; either way only the bad tensor is named."""
-    monkeypatch.setattr(groups_module, "SMALL_BYTES", small_bytes)
+    monkeypatch.setattr(screen_module, "SMALL_BYTES", small_bytes)
     module = Net()
     model_ema = EMA(module, decay=0.9, nonfinite=nonfinite)  # type: ignore[arg-type]
     assert model_ema._storage.path == "host"
-    packed = [i for group in model_ema._storage.groups for i in group.small]
-    alone = [i for group in model_ema._storage.groups for i in group.screen]
+    screens = [group.screen for group in model_ema._storage.groups if group.screen is not None]
+    packed = [i for screen in screens for i in screen.small]
+    alone = [i for screen in screens for i in screen.alone]
     assert bool(packed) == (small_bytes > 0) and bool(alone) == (small_bytes < 1000)
     perturb(module, 1)
     model_ema.update(1)
@@ -115,7 +117,7 @@ def test_host_refused_update_leaves_every_bit(
 
 
 def test_host_update_equals_a_float64_loop_with_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(groups_module, "BLOCK_BYTES", 40)
+    monkeypatch.setattr(blocks_module, "BLOCK_BYTES", 40)
     module = Net()
     ema = {n: t.double().clone() for n, t in module.state_dict().items() if t.is_floating_point()}
     model_ema = EMA(module, decay=0.8)
@@ -330,7 +332,7 @@ def test_forced_device_path_issues_an_update_without_reading_on_the_host(config:
         perturb(module, step)
         poison(module, "first") if step == 2 else None
         with _no_host_reads():
-            model_ema._storage.wait_for_update()
+            model_ema._storage.side.wait()
             pending = model_ema._pending
             model_ema._pending = None  # what the host reads of an earlier update is checked below
             model_ema.update(step)
@@ -372,7 +374,7 @@ def test_side_stream_is_a_no_op_without_cuda() -> None:
     module = Net()
     model_ema = EMA(module, decay=0.9)
     model_ema.use_side_stream()
-    assert model_ema._storage.stream is None
+    assert model_ema._storage.side.stream is None
     perturb(module, 1)
     model_ema.update(1)
     assert model_ema.num_updates == 1

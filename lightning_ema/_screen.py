@@ -1,0 +1,60 @@
+"""The non-finite screen of the host path: one read of every checked weight before anything is written.
+
+Pure torch. The screen of a tensor is its sum (float16: its minimum and maximum), written into preallocated 0-d
+slots (:func:`lightning_ema.functional.screen_into_`). Tensors up to :data:`SMALL_BYTES` are screened together,
+concatenated into one preallocated buffer: one kernel instead of hundreds. A non-finite slot says only "look
+closer" (a finite sum can overflow); the exact check of its tensors decides and names them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_ema import functional as F
+
+__all__ = ["SMALL_BYTES", "HostScreen"]
+
+#: Tensors up to this size are screened together, concatenated into one buffer: one kernel instead of hundreds.
+SMALL_BYTES = 256 * 2**10
+
+
+class HostScreen:
+    """The screen of one group's checked tensors: the large ones one by one, the small ones concatenated.
+
+    Args:
+        sources: the tensors an update reads (the weights, or their staged copies).
+        checked: the positions in ``sources`` of the tensors to screen (floating point, not empty).
+
+    Everything is allocated here, so that :meth:`suspicious` allocates nothing.
+    """
+
+    def __init__(self, sources: list[Tensor], checked: list[int]) -> None:
+        #: Positions screened together (concatenated into :attr:`pack`) and one by one.
+        self.small = [i for i in checked if sources[i].numel() * sources[i].element_size() <= SMALL_BYTES]
+        self.alone = [i for i in checked if i not in set(self.small)]
+        source = sources[0]
+        self.pack: Tensor | None = None
+        if self.small:
+            self.pack = torch.empty(sum(sources[i].numel() for i in self.small), dtype=source.dtype)
+            self.pack = self.pack.to(source.device)
+        # A pair of 0-d slots per tensor screened alone, and one for the pack (the last).
+        self.sums = torch.zeros(len(self.alone) + bool(self.small), 2, dtype=source.dtype, device=source.device)
+        self.slots = [(row[0], row[1]) for row in self.sums.unbind()]
+
+    def suspicious(self, sources: list[Tensor]) -> list[int]:
+        """Screen the tensors (one read each) and return the positions of those whose slot is not finite.
+
+        The host reads the group's slots once (one small list): the only synchronisation.
+        """
+        tensors = [sources[i] for i in self.alone]
+        if self.pack is not None:
+            tensors.append(torch.cat([sources[i].reshape(-1) for i in self.small], out=self.pack))
+        F.screen_into_(tensors, self.slots)
+        positions = []
+        for index, pair in enumerate(self.sums.tolist()):
+            if not (math.isfinite(pair[0]) and math.isfinite(pair[1])):
+                positions += [self.alone[index]] if index < len(self.alone) else self.small
+        return positions
