@@ -196,7 +196,9 @@ class UpdatableEMA(BoundEMA):
     def _refuse(self, step: int, bad: list[str]) -> None:
         """Raise for a refused update (``"error"``) or warn that it was skipped (``"skip"``)."""
         where = f"Weights {bad}" if bad else "Weights of another rank's shards"
-        message = f"{where} hold NaN or infinity at optimizer step {step}"
+        # A narrower EMA dtype refuses finite weights beyond its range too (they would become infinities).
+        beyond = " (or values beyond the range of the EMA's dtype)" if self._storage.narrowing else ""
+        message = f"{where} hold NaN or infinity{beyond} at optimizer step {step}"
         if self.config.nonfinite == "error":
             raise NonFiniteUpdateError(
                 f"{message}; the EMA update was refused and the EMA keeps its last finite value. "
