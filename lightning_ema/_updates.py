@@ -25,7 +25,7 @@ from lightning_ema._config import EMAConfig
 from lightning_ema._device import DeviceCheck
 from lightning_ema._distributed import any_rank
 from lightning_ema._groups import DEVICE, HOST
-from lightning_ema._validate import check_int
+from lightning_ema._validate import as_int, check_int
 from lightning_ema.errors import NonFiniteUpdateError
 
 __all__ = ["UpdatableEMA"]
@@ -96,14 +96,13 @@ class UpdatableEMA(BoundEMA):
                 a weight of an earlier update, named with its step).
             RuntimeError: if the EMA is swapped into the module.
         """
-        if step is None:
-            step = self._step + 1
-        elif isinstance(step, bool) or not isinstance(step, int) or step < self._step:
+        number = self._step + 1 if step is None else as_int(step)
+        if number is None or number < self._step:
             raise ValueError(
                 f"`step` must be an integer >= the last step seen ({self._step}), got {step!r}. Steps count the "
                 "optimizer steps done; start a new EMA for a new run."
             )
-        self._step = step
+        step = self._step = number
         self._settle(wait=False)
         policy = self._policy
         if not policy.is_due(self.last_update_step, step):

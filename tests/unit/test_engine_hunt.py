@@ -149,3 +149,15 @@ def test_a_device_this_process_cannot_use_is_a_value_error_naming_it() -> None:
     device = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
     with pytest.raises(ValueError, match=rf"`device` must be .*got '{device}'"):
         EMA(nn.Linear(2, 2), device=device)
+
+
+def test_numpy_integers_count_as_steps_and_intervals_and_are_stored_as_ints() -> None:
+    np = pytest.importorskip("numpy")
+
+    module = nn.Linear(3, 2)
+    ema = EMA(module, decay=0.5, every_n_steps=np.int64(2))
+    assert ema.update(np.int64(2)) == 0.5 and type(ema.step) is int and ema.step == 2
+    assert type(ema.state_dict()["step"]) is int
+    for bad in (2.0, True, torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="`step` must be an integer"):
+            ema.update(bad)  # type: ignore[arg-type]
