@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_ema import functional as F
@@ -30,12 +31,16 @@ def check_bindable(module: nn.Module, config: EMAConfig, target: nn.Module | Non
     """Raise unless an EMA with ``config`` can bind to ``module`` (and keep its average in ``target``).
 
     Raises:
-        ValueError: if ``module`` is not a module, or ``target`` is the module itself or comes with a ``device``,
-            a ``dtype`` or several decays (a target holds the one EMA with its own devices and dtypes).
+        ValueError: if ``module`` or ``target`` is not a module, ``device`` cannot be used here, or ``target`` is
+            the module itself or comes with a ``device``, a ``dtype`` or several decays (a target holds the one
+            EMA with its own devices and dtypes).
         EMAStateError: if the module has lazy parameters or buffers, which have no values to average yet.
     """
     if not isinstance(module, nn.Module):
         raise ValueError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
+    if target is not None and not isinstance(target, nn.Module):
+        raise ValueError(f"`target` must be None or a torch.nn.Module, got {target!r}.")
+    _check_device(config.device)
     if target is not None and (
         target is module or config.device is not None or config.dtype is not None or len(config.schedules) > 1
     ):
@@ -51,6 +56,16 @@ def check_bindable(module: nn.Module, config: EMAConfig, target: nn.Module | Non
             f"The module has uninitialized (lazy) parameters or buffers {lazy[:5]}: run one forward pass to "
             "materialise them before creating its EMA."
         )
+
+
+def _check_device(device: torch.device | None) -> None:
+    """Raise ``ValueError`` unless this process can allocate on ``device`` (``None``: with each weight)."""
+    if device is None:
+        return
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch asserts when it was built without that accelerator
+        raise ValueError(f"`device` must be a device this process can use, got {str(device)!r}: {error}") from None
 
 
 class BoundEMA:

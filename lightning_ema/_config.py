@@ -19,6 +19,8 @@ NonFinitePolicy = Literal["error", "skip", "ignore"]
 IntegerBufferPolicy = Literal["copy", "average", "keep"]
 DecayPer = Literal["step", "update"]
 Decay = float | DecaySchedule | Sequence[float | DecaySchedule]
+#: The dtypes an EMA can be kept in: those with a (multi-tensor) lerp.
+_EMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def as_schedules(decay: Any, name: str = "decay") -> tuple[DecaySchedule, ...]:
@@ -94,12 +96,19 @@ class EMAConfig:
             )
         if stop_step is not None:
             stop_step = check_int("stop_step", stop_step, 0)
+        ema_dtype = parse_dtype("dtype", dtype)
+        if ema_dtype is not None and ema_dtype not in _EMA_DTYPES:
+            # float8 and other storage-only dtypes: torch has no lerp for them, the first update would fail.
+            raise ValueError(
+                f"`dtype` must be None or one of {[str(d) for d in _EMA_DTYPES]} (dtypes torch can average in), "
+                f"got {dtype!r}."
+            )
         return cls(
             schedules=as_schedules(decay, decay_name),
             every_n_steps=check_int("every_n_steps", every_n_steps, 1),
             start_step=check_int("start_step", start_step, 0),
             device=parse_device("device", device),
-            dtype=parse_dtype("dtype", dtype),
+            dtype=ema_dtype,
             buffers=buffer_policy,
             include=parse_patterns("include", include),
             exclude=parse_patterns("exclude", exclude),

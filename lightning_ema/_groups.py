@@ -15,11 +15,12 @@ An update takes one of three paths, fixed when the storage is built (:attr:`Stor
 - ``"deferred"`` (EMA offloaded to the CPU, weights on an accelerator): the weights are copied without blocking
   into pinned staging buffers, and the host checks and applies the update when it next needs the EMA.
 
-Swaps and reads by name are :mod:`lightning_ema._swaps`'s.
+Swaps, and the reads that must find each tensor wherever a swap put it, are :mod:`lightning_ema._swaps`'s.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class _Group:
     exchangeable: bool
     checked: list[int] = field(default_factory=list)  # positions of the floating, non-empty tensors
     checked_names: list[str] = field(default_factory=list)
+    limit: float = math.inf  # the largest weight magnitude the EMA's dtype holds (see `F.range_limit`)
     blocks: list[Block] = field(default_factory=list)
     staging: list[Tensor] | None = None
     screen: HostScreen | None = field(default=None, repr=False)  # the host and deferred paths' check
@@ -170,6 +172,8 @@ class Storage:
         # Every floating tensor entering the EMA is checked; empty ones cannot hold a NaN.
         group.checked = [i for i, t in enumerate(group.live) if t.is_floating_point() and t.numel()]
         group.checked_names = [group.names[i] for i in group.checked]
+        if group.checked:
+            group.limit = F.range_limit(group.live[0].dtype, group.emas[0][0].dtype)
         home = group.emas[0][0].device if group.live else None
         if group.live and (self.path == DEFERRED or group.live[0].device != home):
             pinned = home is not None and home.type == "cpu" and group.live[0].device.type == "cuda"
@@ -178,7 +182,7 @@ class Storage:
         if group.kind == AVERAGE and (self.num_emas > 1 or widen):
             group.blocks = blocks(group.sources, group.emas, widen)
         if group.checked and self.path != DEVICE:
-            group.screen = HostScreen(group.sources, group.checked)
+            group.screen = HostScreen(group.sources, group.checked, group.limit)
 
     # ------------------------------------------------------------------ update (all paths)
     def copy_weights(self, skip: Tensor | None = None, *, keep_kept: bool = False) -> None:
@@ -232,15 +236,21 @@ class Storage:
 
         One read of every checked weight, allocating nothing (:class:`~lightning_ema._screen.HostScreen`), and one
         host read per group. Only a non-finite screen (a NaN or inf, or finite values whose sum overflows) leads
-        to the exact check of its tensors, which names them.
+        to the exact check of its tensors, which names them. A weight beyond the range of a narrower EMA dtype
+        (:attr:`narrowing`) counts as non-finite: the EMA would turn it into an infinity.
         """
-        suspicious = []
+        bad = []
         for group in self.groups:
             if group.screen is not None:
-                suspicious += [(group, i) for i in group.screen.suspicious(group.sources)]
-        finite = F.finite_each([group.sources[i] for group, i in suspicious])
-        bad = [group.names[i] for (group, i), ok in zip(suspicious, finite, strict=True) if not ok]
+                suspicious = group.screen.suspicious(group.sources)
+                finite = F.finite_each([group.sources[i] for i in suspicious], limit=group.limit)
+                bad += [group.names[i] for i, ok in zip(suspicious, finite, strict=True) if not ok]
         return bool(bad), bad
+
+    @property
+    def narrowing(self) -> bool:
+        """Whether some EMA is kept in a dtype of smaller range than its weights (see :meth:`nonfinite`)."""
+        return any(not math.isinf(group.limit) for group in self.groups)
 
     @torch.no_grad()
     def stage(self) -> None:
@@ -268,7 +278,7 @@ class Storage:
         checked = [group for group in self.groups if group.checked]
         if not checked:
             return None
-        masks = [F.nonfinite_mask([group.sources[i] for i in group.checked]) for group in checked]
+        masks = [F.nonfinite_mask([group.sources[i] for i in group.checked], limit=group.limit) for group in checked]
         home = masks[0].device
         flags = torch.cat([mask.to(home, non_blocking=True) for mask in masks])
         names = [name for group in checked for name in group.checked_names]
@@ -296,20 +306,6 @@ class Storage:
             if group.checked:
                 return group.live[group.checked[0]].device
         return self.groups[0].live[0].device
-
-    def relative_distances(self) -> list[Tensor]:
-        """Return ``||ema - w|| / ||w||`` over the averaged tensors, one 0-d tensor per EMA, without a host sync."""
-        groups = [group for group in self.groups if group.kind == AVERAGE and group.checked]
-        if not groups:
-            return []
-        home = groups[0].emas[0][0].device
-        weight_norms = [F.squared_norm(group.live).to(home) for group in groups]
-        denominator = torch.stack(weight_norms).sum().clamp_min(torch.finfo(torch.float32).tiny).sqrt()
-        distances = []
-        for k in range(self.num_emas):
-            squared = [F.squared_distance(group.emas[k], group.live).to(home) for group in groups]
-            distances.append(torch.stack(squared).sum().sqrt() / denominator)
-        return distances
 
 
 @torch.no_grad()

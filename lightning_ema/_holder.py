@@ -48,6 +48,7 @@ class EMAHolder(Callback):
         self._ema_config = config
         self.init_from = init_from
         self._life = EMALifecycle(config, init_from)
+        self._refresh_due = False  # an epoch started: re-pair the EMA before its first batch
 
     # ------------------------------------------------------------------ public state
     @property
@@ -133,10 +134,22 @@ class EMAHolder(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Re-pair the EMA by name with tensors replaced since the last check (reassigned buffers, SWA)."""
+        """Note that the EMA re-pairs before the epoch's first batch, once every callback's epoch start has run."""
+        self._refresh_due = True
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """At an epoch's first batch, re-pair the EMA by name with tensors replaced since the last check.
+
+        Not in ``on_train_epoch_start``: a callback after this one may replace tensors there (SWA puts new BatchNorm
+        statistics into the module when its last epoch starts), and this epoch's updates must read the new ones.
+        """
         ema = self._life.bound
-        if ema is not None:
+        if self._refresh_due and ema is not None:
             ema.refresh()
+        self._refresh_due = False
 
     @override
     def on_before_optimizer_step(
@@ -221,10 +234,4 @@ class EMAHolder(Callback):
             detail = f"it holds EMA states for other settings only: {sorted(states)!r}"
         else:
             detail = "it holds no EMA state"
-        fitting = trainer.state.fn == "fit"
-        outcome = "the EMA starts from the loaded weights" if fitting else "the loaded raw weights are evaluated"
-        rank_zero_warn(
-            f"The checkpoint being loaded has no EMA for {self.state_key} ({detail}); {outcome}.",
-            category=UserWarning,
-        )
-        self._life.restart(fitting)
+        self._life.without_ema(trainer.state.fn == "fit", detail)

@@ -38,6 +38,7 @@ class _Run:
     fn: str = ""
     loaded: dict[str, Any] | None = None  # an EMA state this run's checkpoint delivered
     restart: bool = False  # this run's checkpoint has no EMA
+    read: bool = False  # the callback saw this run's checkpoint (Lightning skips it for one without callback states)
     resolved: bool = False
     warned: set[str] = field(default_factory=set)
 
@@ -138,12 +139,22 @@ class EMALifecycle:
 
     def loaded(self, state: dict[str, Any]) -> None:
         """This run's checkpoint delivered ``state``: the run uses it."""
+        self.run.read = True
         self.run.restart = False
         self.run.loaded = dict(state)
         self.run.resolved = False
 
+    def without_ema(self, fitting: bool, detail: str) -> None:
+        """Say that this run's checkpoint has no EMA for this callback (``detail``: what it holds), and restart."""
+        outcome = "the EMA starts from the loaded weights" if fitting else "the loaded raw weights are evaluated"
+        rank_zero_warn(
+            f"The checkpoint being loaded has no EMA for {self.name} ({detail}); {outcome}.", category=UserWarning
+        )
+        self.restart(fitting)
+
     def restart(self, fitting: bool) -> None:
         """This run's checkpoint has no EMA: ``fit`` starts one from the loaded weights, evaluation uses none."""
+        self.run.read = True
         self.run.restart = True
         self.run.loaded = None
         self.run.resolved = False
@@ -154,11 +165,14 @@ class EMALifecycle:
     def resolve(self, trainer: pl.Trainer, module: pl.LightningModule) -> EMA | None:
         """Decide once per run which EMA the run uses; return it if it is ``module``'s (else ``None``)."""
         run = self.run
+        fitting = trainer.state.fn == "fit"
         if not run.resolved:
             run.resolved = True
+            if trainer.ckpt_path is not None and not run.read:
+                # Lightning calls no callback's `on_load_checkpoint` for a checkpoint without callback states
+                self.without_ema(fitting, "it holds no callback states: a weights-only checkpoint")
             self.take_handover()
             loaded, run.loaded = run.loaded, None
-            fitting = trainer.state.fn == "fit"
             if loaded is not None:
                 self._ema, self.handover.payload = self._load(trainer, module, loaded), None
                 self._fit_trainer = None  # a later `fit` without `ckpt_path` does not continue a loaded EMA
@@ -168,6 +182,8 @@ class EMALifecycle:
                 self._adopt_handover(module)
             if fitting:
                 self._fit_trainer = weakref.ref(trainer)
+        if run.restart and not fitting:
+            return None  # the checkpoint's raw weights are evaluated, not an EMA this callback held before
         if self._ema is not None and self._ema.module is module:
             self._ema.refresh()
             return self._ema
@@ -253,8 +269,8 @@ class EMALifecycle:
         """Say once why this run evaluates the module's own weights, and how to evaluate a checkpoint's EMA."""
         fn = self.run.fn or "evaluation"
         if self.run.restart:
-            detail = "the checkpoint being loaded holds no EMA"
-        elif self._ema is not None or self.handover.payload is not None:
+            return  # `without_ema` said so when the checkpoint was read
+        if self._ema is not None or self.handover.payload is not None:
             detail = "its EMA belongs to another module instance (the one `fit` trained), not the one being evaluated"
         elif trainer.state.fn == "fit":
             detail = "the EMA is not created yet (a lazy module is materialised by the first training step)"

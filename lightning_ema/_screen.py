@@ -3,7 +3,8 @@
 Pure torch. The screen of a tensor is its sum (float16: its minimum and maximum), written into preallocated 0-d
 slots (:func:`lightning_ema.functional.screen_into_`). Tensors up to :data:`SMALL_BYTES` are screened together,
 concatenated into one preallocated buffer: one kernel instead of hundreds. A non-finite slot says only "look
-closer" (a finite sum can overflow); the exact check of its tensors decides and names them.
+closer" (a finite sum can overflow); the exact check of its tensors decides and names them. For an EMA narrower
+than its weights the screen is the minimum and maximum, and a magnitude beyond the EMA's range is suspicious too.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ class HostScreen:
     Args:
         sources: the tensors an update reads (the weights, or their staged copies).
         checked: the positions in ``sources`` of the tensors to screen (floating point, not empty).
+        limit: the largest magnitude the EMA can hold (:func:`lightning_ema.functional.range_limit`).
 
     Everything is allocated here, so that :meth:`suspicious` allocates nothing.
     """
 
-    def __init__(self, sources: list[Tensor], checked: list[int]) -> None:
+    def __init__(self, sources: list[Tensor], checked: list[int], limit: float = math.inf) -> None:
+        self.limit = limit
         #: Positions screened together (concatenated into :attr:`pack`) and one by one.
         self.small = [i for i in checked if sources[i].numel() * sources[i].element_size() <= SMALL_BYTES]
         self.alone = [i for i in checked if i not in set(self.small)]
@@ -52,9 +55,14 @@ class HostScreen:
         tensors = [sources[i] for i in self.alone]
         if self.pack is not None:
             tensors.append(torch.cat([sources[i].reshape(-1) for i in self.small], out=self.pack))
-        F.screen_into_(tensors, self.slots)
+        limit = self.limit
+        F.screen_into_(tensors, self.slots, extremes=not math.isinf(limit))
         positions = []
-        for index, pair in enumerate(self.sums.tolist()):
-            if not (math.isfinite(pair[0]) and math.isfinite(pair[1])):
+        for index, (first, second) in enumerate(self.sums.tolist()):
+            if math.isinf(limit):
+                suspicious = not (math.isfinite(first) and math.isfinite(second))
+            else:  # (minimum, maximum), compared in double; NaN compares False
+                suspicious = not (-limit <= first and second <= limit)
+            if suspicious:
                 positions += [self.alone[index]] if index < len(self.alone) else self.small
         return positions

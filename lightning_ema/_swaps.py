@@ -2,7 +2,8 @@
 
 Pure torch. Groups whose EMA shares device and dtype with the weights exchange storage (no copy, no memory); the
 others back the raw weights up and copy the EMA in. Swapping out restores the raw weights bit for bit. The reads
-(:meth:`Swaps.ema_by_name`, :meth:`Swaps.raw_by_name`) return live tensors, not copies.
+(:meth:`Swaps.ema_by_name`, :meth:`Swaps.raw_by_name`) return live tensors, not copies; so do the distances
+between the EMA and the raw weights (:meth:`Swaps.relative_distances`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from lightning_ema import functional as F
 from lightning_ema import sharding as S
 from lightning_ema._groups import Storage
+from lightning_ema._selection import AVERAGE
 from lightning_ema.errors import EMAStateError
 
 __all__ = ["Swaps", "copy_by_name"]
@@ -97,41 +99,49 @@ class Swaps:
         for group in self.storage.groups:
             F.copy_(group.live, group.emas[index])
 
-    # ------------------------------------------------------------------ reads by name
+    # ------------------------------------------------------------------ reads wherever a swap put the tensors
+    def _ema_of(self, g: int, index: int) -> list[Tensor]:
+        """The tensors holding EMA ``index`` of group ``g``: in the module if a swap exchanged them in."""
+        group = self.storage.groups[g]
+        exchanged = self.depth > 0 and index == self.index and group.exchangeable
+        return group.live if exchanged else group.emas[index]
+
+    def _raw_of(self, g: int) -> list[Tensor]:
+        """The tensors holding the raw weights of group ``g``: out of the module while swapped."""
+        group, backup = self.storage.groups[g], self._backups[g]
+        if self.depth and group.exchangeable:
+            return group.emas[self.index]
+        return backup if self.depth and backup is not None else group.live
+
     def ema_by_name(self, index: int) -> dict[str, Tensor]:
         """EMA ``index`` by ``state_dict`` name, wherever a swap has put it (live tensors)."""
-        groups = self.storage.groups
-        exchanged = self.depth > 0 and index == self.index
-        result = {}
-        for name, (g, i) in self.storage.where.items():
-            group = groups[g]
-            tensor = group.live[i] if exchanged and group.exchangeable else group.emas[index][i]
-            result[name] = tensor.detach()
-        return result
+        return {name: self._ema_of(g, index)[i].detach() for name, (g, i) in self.storage.where.items()}
 
     def raw_by_name(self) -> dict[str, Tensor]:
         """The raw values of the tracked tensors by name, wherever a swap has put them."""
-        groups = self.storage.groups
-        result = {}
-        for name, (g, i) in self.storage.where.items():
-            group, backup = groups[g], self._backups[g]
-            if self.depth and group.exchangeable:
-                tensor = group.emas[self.index][i]
-            elif self.depth and backup is not None:
-                tensor = backup[i]
-            else:
-                tensor = group.live[i]
-            result[name] = tensor.detach()
-        return result
+        return {name: self._raw_of(g)[i].detach() for name, (g, i) in self.storage.where.items()}
+
+    def relative_distances(self) -> list[Tensor]:
+        """Return ``||ema - w|| / ||w||`` over the averaged tensors, one 0-d tensor per EMA, without a host sync.
+
+        ``w`` are the raw weights wherever a swap has put them (inside a swap the module holds an EMA).
+        """
+        groups = [g for g, group in enumerate(self.storage.groups) if group.kind == AVERAGE and group.checked]
+        if not groups:
+            return []
+        home = self._ema_of(groups[0], 0)[0].device
+        weight_norms = [F.squared_norm(self._raw_of(g)).to(home) for g in groups]
+        denominator = torch.stack(weight_norms).sum().clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        distances = []
+        for k in range(self.storage.num_emas):
+            squared = [F.squared_distance(self._ema_of(g, k), self._raw_of(g)).to(home) for g in groups]
+            distances.append(torch.stack(squared).sum().sqrt() / denominator)
+        return distances
 
     def buffer_emas(self) -> list[Tensor]:
         """The EMA tensors of the tracked buffers, wherever a swap has put them (for in-place syncing)."""
-        result = []
-        for group in (group for group in self.storage.groups if group.buffer):
-            for k, emas in enumerate(group.emas):
-                exchanged = self.depth > 0 and k == self.index and group.exchangeable
-                result.extend(group.live if exchanged else emas)
-        return result
+        groups = [g for g, group in enumerate(self.storage.groups) if group.buffer]
+        return [tensor for g in groups for k in range(self.storage.num_emas) for tensor in self._ema_of(g, k)]
 
 
 def copy_by_name(ema: Mapping[str, Tensor], module: nn.Module) -> None:

@@ -48,7 +48,8 @@ class TrainingLog:
             module.log(f"ema/decay{tag}", decay, on_step=True, on_epoch=False, batch_size=1)
         if self.distance_due:
             self.distance_due = False
-            for tag, distance in zip(self.tags, ema.relative_distances(), strict=True):
+            distances = ema.relative_distances()  # empty if nothing is averaged (every tensor copied)
+            for tag, distance in zip(self.tags if distances else (), distances, strict=True):
                 module.log(f"ema/distance{tag}", distance, on_step=True, on_epoch=False, batch_size=1)
 
     def _tags_for(self, position: int | None) -> list[str]:

@@ -25,7 +25,7 @@ from lightning_ema._config import EMAConfig
 from lightning_ema._device import DeviceCheck
 from lightning_ema._distributed import any_rank
 from lightning_ema._groups import DEVICE, HOST
-from lightning_ema._validate import check_int
+from lightning_ema._validate import as_int, check_int
 from lightning_ema.errors import NonFiniteUpdateError
 
 __all__ = ["UpdatableEMA"]
@@ -96,14 +96,13 @@ class UpdatableEMA(BoundEMA):
                 a weight of an earlier update, named with its step).
             RuntimeError: if the EMA is swapped into the module.
         """
-        if step is None:
-            step = self._step + 1
-        elif isinstance(step, bool) or not isinstance(step, int) or step < self._step:
+        number = self._step + 1 if step is None else as_int(step)
+        if number is None or number < self._step:
             raise ValueError(
                 f"`step` must be an integer >= the last step seen ({self._step}), got {step!r}. Steps count the "
                 "optimizer steps done; start a new EMA for a new run."
             )
-        self._step = step
+        step = self._step = number
         self._settle(wait=False)
         policy = self._policy
         if not policy.is_due(self.last_update_step, step):
@@ -196,7 +195,9 @@ class UpdatableEMA(BoundEMA):
     def _refuse(self, step: int, bad: list[str]) -> None:
         """Raise for a refused update (``"error"``) or warn that it was skipped (``"skip"``)."""
         where = f"Weights {bad}" if bad else "Weights of another rank's shards"
-        message = f"{where} hold NaN or infinity at optimizer step {step}"
+        # A narrower EMA dtype refuses finite weights beyond its range too (they would become infinities).
+        beyond = " (or values beyond the range of the EMA's dtype)" if self._storage.narrowing else ""
+        message = f"{where} hold NaN or infinity{beyond} at optimizer step {step}"
         if self.config.nonfinite == "error":
             raise NonFiniteUpdateError(
                 f"{message}; the EMA update was refused and the EMA keeps its last finite value. "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +19,22 @@ _FLOAT_DTYPES = {
 }
 
 
+def as_int(value: Any) -> int | None:
+    """Return ``value`` as a plain ``int`` if it is an integer (``int``, ``numpy.int64``, ...) but not a ``bool``."""
+    if isinstance(value, (bool, float)) or not hasattr(type(value), "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a tensor with more than one element
+        return None
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
-    """Return ``value`` if it is an ``int`` (not a ``bool``) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Return ``value`` as an ``int`` if it is an integer (not a ``bool``) of at least ``minimum``."""
+    number = as_int(value)
+    if number is None or number < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return value
+    return number
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

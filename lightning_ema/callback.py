@@ -233,6 +233,8 @@ class EMACallback(EMAHolder):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Copy the EMA into the model if ``apply_at_end``; hand the EMA to the main process from a spawned worker."""
+        # A `fit` that took no step (resumed from a checkpoint of a finished run) ran no other hook that binds its EMA
+        self._life.resolve(trainer, pl_module)
         ema = self._life.bound
         if self.apply_at_end and ema is not None:
             ema.copy_to()

@@ -204,9 +204,12 @@ class EMA(UpdatableEMA):
         its tensors that the EMA does not track are left as they are.
 
         Raises:
+            ValueError: if ``module`` is neither ``None`` nor a module.
             EMAStateError: if ``module`` lacks a tracked name or a shape differs; nothing is copied then.
         """
         index = self._check_index(index)
+        if module is not None and not isinstance(module, nn.Module):
+            raise ValueError(f"`module` must be None or a torch.nn.Module, got {module!r}.")
         if self.is_swapped:
             raise RuntimeError("Cannot copy the EMA into a module while it is swapped in.")
         self._settle()
@@ -232,7 +235,7 @@ class EMA(UpdatableEMA):
         It allocates temporaries, so call it every few hundred steps, not every step.
         """
         self._settle()
-        return self._storage.relative_distances()
+        return self._swaps.relative_distances()
 
     def state_dict(self) -> dict[str, Any]:
         """Return counters and EMA tensors: plain values and tensors only (``weights_only`` loadable)."""

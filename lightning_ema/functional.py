@@ -7,6 +7,7 @@ caller groups by (device, dtype), so that each call is one multi-tensor (``torch
 from __future__ import annotations
 
 import fnmatch
+import math
 import struct
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ __all__ = [
     "is_selected",
     "lerp_",
     "nonfinite_mask",
+    "range_limit",
     "screen_into_",
     "squared_distance",
     "squared_norm",
@@ -91,6 +93,22 @@ def ema_dtype_for(weight_dtype: torch.dtype, requested: torch.dtype | None) -> t
     return weight_dtype
 
 
+def range_limit(weight_dtype: torch.dtype, ema_dtype: torch.dtype) -> float:
+    """Return the largest magnitude of a weight that an EMA of ``ema_dtype`` can hold, or ``inf`` if it holds all.
+
+    An EMA narrower than its weights (float16 of float32 weights, float32 of float64 ones) turns a finite weight
+    beyond its range into an infinity, which the non-finite check must refuse like one.
+
+    Example:
+        >>> range_limit(torch.float32, torch.float16), range_limit(torch.bfloat16, torch.float32)
+        (65504.0, inf)
+    """
+    if not (weight_dtype.is_floating_point and ema_dtype.is_floating_point):
+        return math.inf
+    largest = torch.finfo(ema_dtype).max
+    return float(largest) if largest < torch.finfo(weight_dtype).max else math.inf
+
+
 @torch.no_grad()
 def lerp_(ema: list[Tensor], weights: list[Tensor], weight: float) -> None:
     """Move each EMA tensor towards its weight in place: ``ema += weight * (w - ema)``.
@@ -123,42 +141,56 @@ def copy_(destination: list[Tensor], source: list[Tensor], *, non_blocking: bool
 
 
 @torch.no_grad()
-def screen_into_(tensors: Sequence[Tensor], slots: Sequence[tuple[Tensor, Tensor]]) -> None:
+def screen_into_(tensors: Sequence[Tensor], slots: Sequence[tuple[Tensor, Tensor]], *, extremes: bool = False) -> None:
     """Screen each tensor for NaN and infinity into its pair of 0-d slots (of its dtype), allocating nothing.
 
     The slots become non-finite if the tensor holds a NaN or an infinity. The screen is the tensor's sum (in
     the first slot): ``+inf`` and ``-inf`` together give NaN. A sum can also overflow from large finite values,
     so a non-finite slot only says "look closer" (:func:`finite_each` decides). Float16 sums overflow far too
     easily (65504 is its largest value), so a float16 tensor gets its minimum and maximum instead, which are
-    exact. Either way it is one read of the tensor, at memory bandwidth.
+    exact; so does every tensor with ``extremes`` (an EMA narrower than its weights checks their range, see
+    :func:`range_limit`). Either way it is one read of the tensor, at memory bandwidth.
     """
     for tensor, (first, second) in zip(tensors, slots, strict=True):
-        if tensor.dtype == torch.float16:
+        if extremes or tensor.dtype == torch.float16:
             torch.aminmax(tensor, out=(first, second))
         else:
             torch.sum(tensor, tuple(range(tensor.dim())), out=first)
 
 
-def finite_each(tensors: Sequence[Tensor]) -> list[bool]:
-    """Return, exactly and on the host, whether each tensor holds only finite values (the slow, sure check)."""
-    return [bool(torch.isfinite(tensor).all()) for tensor in tensors]
+def finite_each(tensors: Sequence[Tensor], *, limit: float = math.inf) -> list[bool]:
+    """Return, exactly and on the host, whether each tensor holds only finite values (the slow, sure check).
+
+    ``limit``: also whether every magnitude is at most this (see :func:`range_limit`).
+    """
+    if math.isinf(limit):
+        return [bool(torch.isfinite(tensor).all()) for tensor in tensors]
+    # Compared on the host in double: `limit` need not be a value of the tensor's dtype. NaN compares False.
+    extremes = [torch.aminmax(tensor) if tensor.numel() else (tensor.new_zeros(()),) * 2 for tensor in tensors]
+    return [-limit <= float(low) and float(high) <= limit for low, high in extremes]
 
 
 @torch.no_grad()
-def nonfinite_mask(tensors: list[Tensor]) -> Tensor:
+def nonfinite_mask(tensors: list[Tensor], *, limit: float = math.inf) -> Tensor:
     """Return a boolean tensor, on the tensors' device, that is ``True`` exactly for each one holding NaN or inf.
 
     The host never reads a value here, so on an accelerator the answer stays on the device: one fused
     ``_foreach_norm(ord=inf)`` (the largest absolute value is non-finite exactly when the tensor holds a NaN or an
-    infinity; no finite value can overflow it). Empty tensors are never flagged.
+    infinity; no finite value can overflow it). Empty tensors are never flagged. ``limit``: also flag a tensor
+    holding a magnitude above it (see :func:`range_limit`).
     """
     nonempty = [t for t in tensors if t.numel()]
     if len(nonempty) == len(tensors):
-        return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))))
+        largest = torch.stack(torch._foreach_norm(tensors, float("inf")))
+        if math.isinf(limit):
+            return ~torch.isfinite(largest)
+        # A Python number is compared in the tensor's dtype, where `limit` may round up (65504 in bfloat16 is
+        # 65536): compare half-precision maxima in float32, which holds them and every limit exactly.
+        return ~((largest.float() if largest.dtype in _HALF else largest) <= limit)  # NaN compares False
     mask = torch.zeros(len(tensors), dtype=torch.bool, device=tensors[0].device)
     if nonempty:
         positions = torch.tensor([i for i, t in enumerate(tensors) if t.numel()], device=mask.device)
-        mask[positions] = nonfinite_mask(nonempty)
+        mask[positions] = nonfinite_mask(nonempty, limit=limit)
     return mask
 
 

@@ -23,9 +23,10 @@ from support import (
     snapshot,
     trainer_kwargs,
 )
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_ema import EMACallback, EMAStateError
+from lightning_ema import functional as F
 
 DECAY = 0.8
 
@@ -247,6 +248,30 @@ class CompiledSubmodule(TinyClassifier):
     def __init__(self) -> None:
         super().__init__()
         self.net = torch.compile(self.net, backend="eager")
+
+
+class QuietClassifier(TinyClassifier):
+    """``self.log`` inside a compiled ``training_step`` breaks Dynamo in this Lightning/torch pair (without any EMA)."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def test_a_whole_compiled_module_gets_the_reference_ema_and_evaluates_with_it() -> None:
+    recorder, ema = WeightRecorder(), EMACallback(DECAY)
+    model = QuietClassifier()
+    trainer = L.Trainer(callbacks=[recorder, ema], **trainer_kwargs(max_epochs=2))
+    trainer.fit(torch.compile(model, backend="eager"), make_loader())
+    assert recorder.initial is not None
+    expected = reference_ema(recorder.initial, recorder.steps, recorder.states, constant_decay(DECAY))
+    averaged = {F.canonical_name(name): tensor for name, tensor in ema.ema_state_dict().items()}
+    assert_close_to_reference({name: averaged[name] for name in expected}, expected)
+    raw = snapshot(model)
+    trainer.validate(model, make_loader())
+    seen = model.seen_in["validate"][-1]
+    assert_close_to_reference({name: seen[name] for name in expected}, expected)
+    assert all(torch.equal(tensor, raw[name]) for name, tensor in model.state_dict().items())
 
 
 def test_export_of_a_compiled_submodule_has_the_uncompiled_names(tmp_path: Path) -> None:

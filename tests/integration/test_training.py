@@ -216,6 +216,19 @@ def test_decay_is_logged_only_on_the_steps_loggers_write(tmp_path) -> None:  # t
     assert distance_steps == [4, 9, 14, 19]
 
 
+def test_an_ema_that_only_copies_logs_its_decay_and_no_distance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning.pytorch.loggers import CSVLogger
+
+    # Only BatchNorm statistics, copied: nothing is averaged, so there is no distance to log (this used to crash).
+    callback = EMACallback(decay=0.9, buffers="copy", include="net.1.running_*", distance_every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = L.Trainer(callbacks=[callback], max_epochs=1, **trainer_kwargs(logger=logger, log_every_n_steps=1))
+    model = TinyClassifier()
+    trainer.fit(model, make_loader())
+    assert "ema/decay" in trainer.logged_metrics and "ema/distance" not in trainer.logged_metrics
+    assert torch.equal(callback.ema_state_dict()["net.1.running_mean"], model.net[1].running_mean)
+
+
 def test_bf16_weights_with_decay_0_9999_still_move_the_ema() -> None:
     callback = EMACallback(decay=0.9999)
     model = TinyClassifier(lr=0.5)
