@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_ema.checkpoint import FORMAT, checked_states, decays_of, emas_of, export_ema, load_checkpoint
-from lightning_ema.formats import FOREIGN_FORMATS
+from lightning_ema.formats import FOREIGN_FORMATS, detect_format
 from lightning_ema.posthoc import DEFAULT_MAX_ERROR, save_state_dict, synthesis_plan, synthesize_many
 
 
@@ -134,6 +135,9 @@ def _posthoc(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int
     except (OSError, ValueError) as error:
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2
+    except Exception as error:  # a file can fail in ways nobody listed; say so in one line, never a traceback
+        print(f"error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -156,6 +160,15 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _foreign_hint(checkpoint: dict[str, object]) -> str:
+    """For ``list``: the other library's EMA a checkpoint without lightning-ema state holds, if it is recognised."""
+    layout = detect_format(checkpoint)
+    if layout is None:
+        return ""
+    reader = "load_ema_state_dict(path, module=model)" if layout in ("diffusers", "torch-ema") else "`export`"
+    return f" of lightning-ema's, but a {layout} EMA, which {reader} reads"
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text or type(error).__name__
@@ -163,6 +176,13 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code (2 for any failure, with one ``error:`` line on stderr)."""
+    with warnings.catch_warnings():
+        # torch warns before it fails to read a plain pickle (not a torch.save file); the error line says it all
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "posthoc":
@@ -172,12 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "list":
-            states = checked_states(load_checkpoint(args.checkpoint, weights_only=not args.unsafe_load))
+            checkpoint = load_checkpoint(args.checkpoint, weights_only=not args.unsafe_load)
+            states = checked_states(checkpoint)
             for key, state in states.items():
                 for index, (decay, ema) in enumerate(zip(decays_of(state), emas_of(state), strict=True)):
                     print(f"{key}\tindex={index}\t{decay}\tnum_updates={state['num_updates']}\ttensors={len(ema)}")
             if not states:
-                print("no EMA state in this checkpoint", file=sys.stderr)
+                print(f"no EMA state in this checkpoint{_foreign_hint(checkpoint)}", file=sys.stderr)
                 return 1
             return 0
         weights = export_ema(

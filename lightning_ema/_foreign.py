@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_ema._files import allowed_globals, load_file
@@ -77,6 +78,29 @@ def _nemo_ema_optimizer(checkpoint: Mapping[str, Any]) -> bool:
     return isinstance(states, list) and any(isinstance(s, Mapping) and "ema" in s and "opt" in s for s in states)
 
 
+def _nemo_state_dict_is_ema(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` holds the EMA that the optimizer states' ``"ema"`` lists hold (NeMo's ``X-EMA.ckpt``).
+
+    NeMo's ``EMAOptimizer`` saves the EMA as positional lists in the optimizer states. In the ``X-EMA.ckpt`` its
+    ``ModelCheckpoint`` writes, the EMA is swapped into the model, so those lists are the ``state_dict``'s own
+    parameters; in a checkpoint saved any other way (``trainer.save_checkpoint``, Lightning's ``ModelCheckpoint``)
+    ``state_dict`` holds the raw weights and the lists the EMA.
+    """
+    state = _tensors(checkpoint.get("state_dict")) or {}
+    by_shape: dict[tuple[Any, ...], list[Tensor]] = {}
+    for tensor in state.values():
+        by_shape.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+    for optimizer in checkpoint.get("optimizer_states") or []:
+        averages = optimizer.get("ema") if isinstance(optimizer, Mapping) else None
+        for average in averages if isinstance(averages, (list, tuple)) else []:
+            if not isinstance(average, Tensor):
+                return False
+            same = by_shape.get((tuple(average.shape), average.dtype), [])
+            if not any(torch.equal(average, tensor) for tensor in same):
+                return False
+    return True
+
+
 def _mmcv_pairs(state: Mapping[str, Tensor]) -> dict[str, str]:
     """``{parameter name: its ema_* buffer name}`` for mmcv's ``EMAHook`` layout."""
     return {
@@ -123,12 +147,14 @@ def detect_format(checkpoint: Mapping[str, Any], path: str | os.PathLike[str] | 
     keys = set(checkpoint)
     if {"current_model_state", "averaging_state"} <= keys:
         return "lightning"
-    if (path is not None and _nemo_sibling(Path(path)) is not None) or _nemo_ema_optimizer(checkpoint):
-        return "nemo"
     if "state_dict_ema" in keys or "model_ema" in keys:
         return "timm"
     if "ema_state_dict" in keys and "state_dict" in keys:
         return "mmengine"
+    # After the layouts told by their keys: NeMo's is told by a file name (`X-EMA.ckpt`), which any file may have.
+    named_nemo = path is not None and "state_dict" in keys and _nemo_sibling(Path(path)) is not None
+    if named_nemo or _nemo_ema_optimizer(checkpoint):
+        return "nemo"
     if "shadow_params" in keys:
         return "torch-ema" if "num_updates" in keys else "diffusers"
     if "initted" in keys and any(str(key).startswith("ema_model.") for key in keys):
@@ -232,6 +258,12 @@ def read_foreign(
         elif sibling is None and not _nemo_ema_optimizer(checkpoint):
             raise ValueError(
                 f"NeMo keeps the EMA in `X{_NEMO_SUFFIX}.ckpt` beside `X.ckpt`; no such file is beside {str(path)!r}."
+            )
+        elif sibling is None and not _nemo_state_dict_is_ema(checkpoint):
+            raise ValueError(
+                "This NeMo checkpoint was not written by NeMo's ModelCheckpoint: its `state_dict` holds the raw "
+                "weights, and the EMA is only in its optimizer states, as lists without names. Read the "
+                f"`X{_NEMO_SUFFIX}.ckpt` NeMo's ModelCheckpoint writes beside `X.ckpt` instead."
             )
         return ForeignEMA(format, _state_dict(checkpoint, "state_dict", "NeMo EMA"), step)
     if format == "timm":

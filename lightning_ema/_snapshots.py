@@ -206,8 +206,12 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 def _read_header_uncached(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
-        with _safetensors().safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        safetensors = _safetensors()
+        try:  # a damaged file (empty, truncated) raises safetensors' own SafetensorError
+            with safetensors.safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as error:
+            raise ValueError(f"Cannot read the snapshot {str(path)!r}: {error}") from error
         if metadata.get("format") != FORMAT or "header" not in metadata:
             raise ValueError(f"{str(path)!r} is not a post-hoc EMA snapshot (no {FORMAT!r} metadata).")
         header = dict(json.loads(metadata["header"]))
