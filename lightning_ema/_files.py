@@ -33,6 +33,8 @@ import torch
 __all__ = ["LoadedCheckpoint", "allowed_globals", "load_file", "refuse_same_file", "write_atomically"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
+#: What torch's legacy (non-zip) format pickles first, after the protocol bytes: its magic number, a 10-byte long.
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _UNSAFE_HINT = "If you trust the file, pass weights_only=False (on the command line: --unsafe-load)."
 # How torch's weights-only unpickler words the refusal of an object (as opposed to bytes it cannot parse).
 _REFUSED_OBJECT = re.compile(
@@ -93,6 +95,11 @@ def _explain(path: Path, kind: str | None, head: bytes, error: Exception, weight
     )
     if kind == "pickle" and truncated:
         return ValueError(f"{name} is truncated: the checkpoint ends early. Copy or save it again.")
+    if kind == "pickle" and not head[2:].startswith(_LEGACY_MAGIC):
+        return ValueError(
+            f"{name} is a plain pickle (written by `pickle.dump`, not `torch.save`), not a checkpoint: torch.load "
+            "does not read it, with or without weights_only. Save the object with `torch.save` instead."
+        )
     if kind in ("zip", "pickle"):
         return ValueError(f"{name} could not be loaded: {type(error).__name__}: {_first_line(error)}.")
     return ValueError(

@@ -122,6 +122,22 @@ def test_a_plain_pickle_gets_one_error_line(tmp_path: Path, command: str) -> Non
     run = cli(*args)
     assert run.returncode == 2
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+    # weights_only=False would not help (torch.load cannot read a plain pickle at all): it must not be advised
+    assert "plain pickle" in run.stderr and "weights_only=False" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_plain_pickle_is_named_as_such_and_a_legacy_torch_file_still_loads(tmp_path: Path, protocol: int) -> None:
+    from lightning_ema._files import load_file
+
+    path = tmp_path / "weights.pkl"
+    with open(path, "wb") as stream:
+        pickle.dump({"w": [1.0, 2.0]}, stream, protocol=protocol)
+    with pytest.raises(ValueError, match="plain pickle"):
+        load_file(path, weights_only=True)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_file(legacy, weights_only=True)["w"], torch.ones(2))
 
 
 def test_list_names_the_other_librarys_ema_it_finds(tmp_path: Path) -> None:
