@@ -145,8 +145,18 @@ def supersede_after(folder: Path, step: int, *, rank: int, world_size: int, shar
         owner = parsed[1]
         mine = owner == rank or (rank == 0 and (owner is None or not sharded or owner >= world_size))
         if mine:
-            target = folder / SUPERSEDED / file.name
+            target = _free_name(folder / SUPERSEDED / file.name)
             target.parent.mkdir(exist_ok=True)
             shutil.move(str(file), str(target))
             moved.append(file.name)
     return moved
+
+
+def _free_name(target: Path) -> Path:
+    """``target``, or ``<stem>.<n><suffix>`` with the first free ``n`` if an earlier resume moved a file there."""
+    n = 1
+    free = target
+    while free.exists():
+        n += 1
+        free = target.with_name(f"{target.stem}.{n}{target.suffix}")
+    return free

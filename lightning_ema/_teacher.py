@@ -29,6 +29,7 @@ __all__ = [
     "check_optimizers",
     "frozen_copy",
     "keep_student_weights",
+    "put_teacher_weights",
     "require_teacher",
     "restore_counters",
     "restore_modes",
@@ -178,6 +179,17 @@ def keep_student_weights(checkpoint: Mapping[str, Any], ema: EMA) -> None:
             state_dict[key] = raw
 
 
+def put_teacher_weights(checkpoint: Mapping[str, Any], ema: EMA | None) -> None:
+    """Write the teacher (the EMA's values) under ``teacher.*`` into a checkpoint's earlier ``state_dict``."""
+    state_dict = checkpoint.get("state_dict")
+    if ema is None or state_dict is None:
+        return
+    for name, value in ema.ema_state_dict().items():
+        key = f"teacher.{name}"
+        if key in state_dict:
+            state_dict[key] = value.detach().clone()
+
+
 def changed_settings(state: Mapping[str, Any], config: EMAConfig) -> str | None:
     """Describe how the configuration saved in the teacher's checkpoint entry differs from ``config``."""
     return config_changes(state.get("config", {}), teacher_settings(config))
@@ -192,6 +204,8 @@ class TeacherRun:
         restored_counters: ``(num_updates, last_update_step)`` loaded from a checkpoint, until the EMA takes them.
         seen_step: the optimizer step of the last teacher update in this ``fit`` (``None`` outside one).
         captured_modes: each submodule's mode before evaluation, restored after it.
+        caught_up_decay: the decay of an update applied early, for a checkpoint written between an optimizer step
+            and the module's ``on_train_batch_end`` (logged there).
     """
 
     def __init__(self, config: EMAConfig) -> None:
@@ -200,6 +214,7 @@ class TeacherRun:
         self.restored_counters: tuple[int, int] | None = None
         self.seen_step: int | None = None
         self.captured_modes: dict[str, bool] | None = None
+        self.caught_up_decay: float | None = None
 
     @property
     def num_updates(self) -> int:
@@ -234,15 +249,32 @@ class TeacherRun:
                 f"{owner}: the teacher was not set up when training started. An override of "
                 "`on_train_start` must call super().on_train_start()."
             )
+        self.seen_step = step  # first: a refused update is not tried again by `catch_up` when the error is saved
         decay = ema.update(step)
-        self.seen_step = step
+        if self.caught_up_decay is not None:
+            decay, self.caught_up_decay = self.caught_up_decay, None
         return decay
+
+    def catch_up(self, step: int) -> bool:
+        """Apply the update due after optimizer step ``step`` if ``on_train_batch_end`` has not run yet; say if so.
+
+        Callbacks' ``on_train_batch_end`` run before the module's, so a ``ModelCheckpoint(every_n_train_steps=...)``
+        saves between the optimizer step and the teacher's update. Its checkpoint must hold the teacher and the
+        counters of that step, or a run resumed from it would never apply the update.
+        """
+        ema = self.ema
+        if ema is None or self.seen_step is None or step <= self.seen_step or ema.is_swapped:
+            return False
+        self.seen_step = step
+        self.caught_up_decay = ema.update(step)
+        return self.caught_up_decay is not None
 
     def end_training(self) -> None:
         """Give every rank rank 0's teacher buffers; forget this run's step bookkeeping (the counters stay)."""
         if self.ema is not None:
             self.ema.take_rank_zero_buffers()
         self.seen_step = None
+        self.caught_up_decay = None
 
     def restore_student(self) -> None:
         """Put the student's own weights back, whatever the swap depth, and forget the captured modes."""
@@ -267,8 +299,14 @@ class TeacherRun:
         modes, self.captured_modes = self.captured_modes, None
         restore_modes(module, modes)
 
-    def save(self, checkpoint: dict[str, Any]) -> None:
-        """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
+    def save(self, checkpoint: dict[str, Any], step: int) -> None:
+        """Save the teacher's counters after optimizer step ``step``; keep ``student.*`` the student's own weights.
+
+        An update due after ``step`` that has not run yet is applied first (see :meth:`catch_up`), and the teacher
+        it gave is written under ``teacher.*``.
+        """
+        if self.catch_up(step):
+            put_teacher_weights(checkpoint, self.ema)
         ema = self.ema
         if ema is not None:
             counters: tuple[int, int] | None = (ema.num_updates, ema.last_update_step)

@@ -3,7 +3,8 @@
 A LightningModule has no ``on_exception`` hook, and its hooks can be overridden without ``super()``; a callback has
 both covered. The module attaches a :class:`MeanTeacherGuard` to its Trainer when it first binds its teacher. The
 guard knows the module through :class:`GuardedTeacher` only, so that this module does not import the one that
-attaches it.
+attaches it; that module's class derives from :class:`GuardedModule`, which attaches the guard as soon as a Trainer
+takes the module, so that the checks also cover ``validate`` and ``test`` on their own and the sanity check.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing_extensions import override
 
 from lightning_ema._teacher import TeacherRun
 
-__all__ = ["GuardedTeacher", "MeanTeacherGuard", "attach_guard"]
+__all__ = ["GuardedModule", "GuardedTeacher", "MeanTeacherGuard", "attach_guard"]
 
 
 @runtime_checkable
@@ -85,3 +86,20 @@ def attach_guard(trainer: pl.Trainer) -> None:
     if not any(isinstance(callback, MeanTeacherGuard) for callback in trainer.callbacks):  # type: ignore[attr-defined]
         # Attached here rather than through `configure_callbacks`, which subclasses often override.
         trainer.callbacks.append(MeanTeacherGuard())  # type: ignore[attr-defined]
+
+
+class GuardedModule(pl.LightningModule):
+    """A LightningModule that gives every Trainer it is attached to a :class:`MeanTeacherGuard`."""
+
+    @property
+    @override
+    def trainer(self) -> pl.Trainer:
+        """The Trainer this module is attached to (see ``LightningModule.trainer``)."""
+        return super().trainer
+
+    @trainer.setter
+    def trainer(self, trainer: pl.Trainer | None) -> None:
+        # Every entry point (`fit`, `validate`, `test`, `predict`) attaches the Trainer before any hook runs.
+        pl.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
+        if trainer is not None:
+            attach_guard(trainer)

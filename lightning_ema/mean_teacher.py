@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import Self, override
 
 from lightning_ema import _teacher
-from lightning_ema._teacher_guard import attach_guard
+from lightning_ema._teacher_guard import GuardedModule, attach_guard
 from lightning_ema._validate import check_bool, check_choice
 from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
 from lightning_ema.schedules import (
@@ -53,7 +52,7 @@ torch.serialization.add_safe_globals(
 )
 
 
-class MeanTeacherModule(pl.LightningModule):
+class MeanTeacherModule(GuardedModule):
     """A LightningModule whose ``teacher`` is an exponential moving average of its ``student``.
 
     For Mean Teacher (Tarvainen & Valpola, 2017) and momentum encoders (BYOL, DINO). Assigning ``self.student`` in
@@ -274,7 +273,8 @@ class MeanTeacherModule(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the teacher's counters; keep the student's own weights under ``student.*`` during a swap."""
-        self._teacher_run.save(checkpoint)
+        trainer = self._trainer
+        self._teacher_run.save(checkpoint, -1 if trainer is None else trainer.global_step)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

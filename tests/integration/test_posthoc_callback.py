@@ -7,6 +7,7 @@ import csv
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -143,6 +144,23 @@ def test_a_new_run_moves_an_earlier_runs_snapshots_aside(tmp_path: Path) -> None
             trainer.fit(TinyClassifier(), make_loader(64, 8))
     assert len(snapshot_files(tmp_path)) == 2
     assert len(snapshot_files(tmp_path / SUPERSEDED)) == 2
+
+
+def test_a_second_restart_keeps_the_snapshots_the_first_one_moved_aside(tmp_path: Path) -> None:
+    moved_first: dict[str, bytes] = {}
+    for run in range(3):
+        posthoc = PostHocEMA(SIGMAS, snapshot_every_n_steps=5, dirpath=tmp_path)
+        trainer = L.Trainer(max_steps=10, callbacks=[posthoc], **trainer_kwargs())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(run)  # each run's snapshots differ
+            trainer.fit(TinyClassifier(lr=0.1 * (run + 1)), make_loader(64, 8))
+        if run == 1:
+            moved_first = {path.name: path.read_bytes() for path in (tmp_path / SUPERSEDED).iterdir()}
+    aside = sorted((tmp_path / SUPERSEDED).iterdir())
+    assert len(aside) == 4  # two from each earlier run: nothing overwritten
+    assert all(path.read_bytes() == moved_first[path.name] for path in aside if path.name in moved_first)
+    assert len(snapshot_files(tmp_path)) == 2
 
 
 def test_checkpoints_hold_the_tracked_emas_and_the_snapshot_position(tmp_path: Path) -> None:
