@@ -1,15 +1,15 @@
 """The callback that guards a :class:`~lightning_ema.MeanTeacherModule`: restore after an exception, check hooks ran.
 
 A LightningModule has no ``on_exception`` hook, and its hooks can be overridden without ``super()``; a callback has
-both covered. The module attaches a :class:`MeanTeacherGuard` to its Trainer when it first binds its teacher. The
-guard knows the module through :class:`GuardedTeacher` only, so that this module does not import the one that
-attaches it; that module's class derives from :class:`GuardedModule`, which attaches the guard as soon as a Trainer
-takes the module, so that the checks also cover ``validate`` and ``test`` on their own and the sanity check.
+both covered. ``MeanTeacherModule`` derives from :class:`GuardedModule`, which gives every Trainer that takes the
+module a :class:`MeanTeacherGuard` before any hook runs, so that the checks also cover ``validate`` and ``test`` on
+their own and the sanity check. The guard knows the module through :class:`GuardedModule` only, so that this module
+does not import the one that derives from it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -17,18 +17,7 @@ from typing_extensions import override
 
 from lightning_ema._teacher import TeacherRun
 
-__all__ = ["GuardedModule", "GuardedTeacher", "MeanTeacherGuard", "attach_guard"]
-
-
-@runtime_checkable
-class GuardedTeacher(Protocol):
-    """What the guard uses of a :class:`~lightning_ema.MeanTeacherModule`."""
-
-    evaluate: str
-    _teacher_run: TeacherRun
-
-    def _restore_student(self) -> None:
-        """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
+__all__ = ["GuardedModule", "MeanTeacherGuard", "attach_guard"]
 
 
 class MeanTeacherGuard(Callback):
@@ -53,7 +42,7 @@ class MeanTeacherGuard(Callback):
 
     @staticmethod
     def _check_evaluation(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, GuardedTeacher):
+        if not isinstance(pl_module, GuardedModule):
             return
         if stage == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
             _check_hooks_ran(trainer, pl_module, f"on_{stage}_start")
@@ -71,13 +60,13 @@ class MeanTeacherGuard(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Give the student its own weights back before anything else looks at the module."""
-        if isinstance(pl_module, GuardedTeacher):
+        if isinstance(pl_module, GuardedModule):
             pl_module._restore_student()
 
 
 def _check_hooks_ran(trainer: pl.Trainer, pl_module: pl.LightningModule, where: str) -> None:
     """Raise if a teacher update was missed or a swap was left in place (a hook overridden without super)."""
-    if isinstance(pl_module, GuardedTeacher):
+    if isinstance(pl_module, GuardedModule):
         pl_module._teacher_run.check_hooks_ran(type(pl_module).__name__, trainer.global_step, where)
 
 
@@ -89,7 +78,17 @@ def attach_guard(trainer: pl.Trainer) -> None:
 
 
 class GuardedModule(pl.LightningModule):
-    """A LightningModule that gives every Trainer it is attached to a :class:`MeanTeacherGuard`."""
+    """A LightningModule that gives every Trainer it is attached to a :class:`MeanTeacherGuard`.
+
+    Subclasses set ``evaluate`` and ``_teacher_run`` and implement :meth:`_restore_student`: what the guard uses.
+    """
+
+    evaluate: str
+    _teacher_run: TeacherRun
+
+    def _restore_student(self) -> None:
+        """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
+        raise NotImplementedError
 
     @property
     @override

@@ -17,7 +17,7 @@ from torch import nn
 from typing_extensions import Self, override
 
 from lightning_ema import _teacher
-from lightning_ema._teacher_guard import GuardedModule, attach_guard
+from lightning_ema._teacher_guard import GuardedModule
 from lightning_ema._validate import check_bool, check_choice
 from lightning_ema.ema import EMA, BufferPolicy, DecayPer, EMAConfig, IntegerBufferPolicy, NonFinitePolicy
 from lightning_ema.schedules import (
@@ -201,10 +201,9 @@ class MeanTeacherModule(GuardedModule):
     def _ensure_bound(self) -> EMA:
         """Create the teacher's EMA (the teacher is its storage), or re-pair it after a device move or load."""
         teacher = _teacher.require_teacher(self._modules, type(self).__name__)
-        ema = self._teacher_run.bind(self.student, teacher, self.trainer.global_step)
-        attach_guard(self.trainer)
-        return ema
+        return self._teacher_run.bind(self.student, teacher, self.trainer.global_step)
 
+    @override
     def _restore_student(self) -> None:
         """Put the student's own weights back, whatever the swap depth, and the teacher in its mode."""
         self._teacher_run.restore_student()
