@@ -21,11 +21,11 @@ _FLOAT_DTYPES = {
 
 def as_int(value: Any) -> int | None:
     """Return ``value`` as a plain ``int`` if it is an integer (``int``, ``numpy.int64``, ...) but not a ``bool``."""
-    if isinstance(value, (bool, float)) or not hasattr(type(value), "__index__"):
+    if isinstance(value, bool):
         return None
     try:
         return operator.index(value)
-    except TypeError:  # e.g. a tensor with more than one element
+    except TypeError:  # not an integer (a float, a string, a tensor with more than one element)
         return None
 
 
